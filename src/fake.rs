@@ -44,9 +44,12 @@ pub enum Fault {
     Drop,
     /// Wait this long before answering normally.
     Delay(Duration),
+    /// Wait this long, then answer 504 (a call the client gave up on).
+    Stall(Duration),
 }
 
-/// One recorded clearPresence (or setPresence) call.
+/// One recorded clearPresence (or setPresence) call. Calls are recorded when
+/// answered; one the client abandoned mid-way (a timeout) is not recorded.
 #[derive(Debug, Clone)]
 pub struct Call {
     /// `clearPresence` or `setPresence`.
@@ -274,6 +277,11 @@ impl FakeGraph {
     /// Token requests so far.
     pub fn token_requests(&self) -> usize {
         self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Graph requests being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
     }
 
     /// Most Graph requests ever in flight at once.
@@ -567,6 +575,10 @@ async fn presence_answer(
     match fault {
         Some(Fault::Drop) => return Err(Dropped),
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Stall(d)) => {
+            tokio::time::sleep(d).await;
+            return Ok(graph_error(504, "GatewayTimeout", "stalled (fake)"));
+        }
         Some(Fault::Status(s)) => return Ok(graph_error(s, "fakeFault", &format!("injected {s}"))),
         Some(Fault::Throttle(ra)) => {
             return Ok(with_retry_after(

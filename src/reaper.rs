@@ -156,11 +156,14 @@ impl Reaper {
             pass.saturated = true;
             return Ok(pass);
         }
-        let skip = self.in_flight_count();
-        let due = self.store.due(now, available + skip).await?;
+        // Only this task starts clears, but clears end at any time: a row
+        // read while its clear was in flight is stale even if that clear has
+        // ended by the time we look, so skip what was in flight before the read.
+        let busy: HashSet<Key> = self.in_flight().clone();
+        let due = self.store.due(now, available + busy.len()).await?;
         for d in due {
             let key = (d.user_id.to_string(), d.session_id.to_string());
-            if self.in_flight().contains(&key) {
+            if busy.contains(&key) || self.in_flight().contains(&key) {
                 continue;
             }
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
