@@ -459,7 +459,7 @@ fn decode_cursor(c: &str) -> Option<(String, String)> {
 async fn list_sessions(
     State(st): State<ApiState>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let params = Params::from(query)?;
     params.only(&["state", "owner", "limit", "cursor"])?;
     let state = params
@@ -510,7 +510,18 @@ async fn list_sessions(
         .then(|| page.last())
         .flatten()
         .map(|s| encode_cursor(&s.user_id, &s.session_id));
-    Ok(Json(json!({"sessions": page, "next_cursor": next_cursor})))
+    Ok(Json(Page {
+        sessions: page,
+        next_cursor,
+    })
+    .into_response())
+}
+
+/// One page of `GET /v1/sessions`.
+#[derive(serde::Serialize)]
+struct Page<'a> {
+    sessions: &'a [Session],
+    next_cursor: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

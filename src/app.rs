@@ -149,6 +149,10 @@ impl App {
                 "resuming clears left by the previous run"
             );
         }
+        let warm_up = tokio::spawn({
+            let reaper = reaper.clone();
+            async move { reaper.warm_up().await }
+        });
         let stop_reaper = CancellationToken::new();
         let reaper_task = tokio::spawn(reaper.clone().run(stop_reaper.clone()));
         lifecycle.set_ready();
@@ -165,6 +169,7 @@ impl App {
             tracing::info!(sessions = marked, deadline = %humantime::format_duration(deadline), "clearing every live session before exit");
             left = drain(&store, deadline).await;
         }
+        warm_up.abort();
         stop_reaper.cancel();
         let _ = reaper_task.await;
         // Clears still in flight at the deadline are abandoned: their rows stay

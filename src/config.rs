@@ -85,6 +85,13 @@ impl Environment {
                 .collect(),
         )
     }
+    /// Sets `name` unless it already has a value.
+    pub fn set_default(&mut self, name: &str, value: &str) {
+        if self.var(name).is_none() {
+            self.0.insert(name.to_owned(), value.to_owned());
+        }
+    }
+
     /// A variable's value, treating an empty one as unset.
     pub fn var(&self, name: &str) -> Option<&str> {
         self.0
@@ -1124,6 +1131,14 @@ mod tests {
         assert!(!out.contains("s3cr3t-value"), "{out}");
         assert!(out.contains("<redacted>"), "{out}");
         assert!(!format!("{c:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_matches_the_defaults() {
+        let shipped = Config::from_toml(include_str!("../config.toml"), &env()).unwrap();
+        let defaults =
+            Config::from_toml("[auth]\ntenant_id = \"contoso.onmicrosoft.com\"", &env()).unwrap();
+        assert_eq!(shipped.to_redacted_toml(), defaults.to_redacted_toml());
     }
 
     #[test]

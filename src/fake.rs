@@ -119,7 +119,8 @@ struct FakeState {
     token_requests: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    log_calls: bool,
+    /// `dev` mode: log calls, and every user has a session to clear.
+    dev: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -161,18 +162,19 @@ impl FakeGraph {
         Self::start_with(tenant, false).await
     }
 
-    /// Like [`FakeGraph::start`], logging every clearPresence at info (for `dev`).
-    pub async fn start_logging(tenant: FakeTenant) -> Result<Self, FakeError> {
+    /// For `dev`: logs every clearPresence at info and holds a presence
+    /// session for every user, as if the bot had set one.
+    pub async fn start_dev(tenant: FakeTenant) -> Result<Self, FakeError> {
         Self::start_with(tenant, true).await
     }
 
-    async fn start_with(tenant: FakeTenant, log_calls: bool) -> Result<Self, FakeError> {
+    async fn start_with(tenant: FakeTenant, dev: bool) -> Result<Self, FakeError> {
         let (ca_pem, acceptor) = tls()?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(FakeState {
             tenant,
-            log_calls,
+            dev,
             ..Default::default()
         });
         let stop = CancellationToken::new();
@@ -535,7 +537,7 @@ async fn presence(
         .unwrap_or_default();
     let answer = presence_answer(state, &mut call, auth.as_deref(), &body).await;
     call.status = answer.as_ref().map_or(0, |a| a.status().as_u16());
-    if state.log_calls {
+    if state.dev {
         tracing::info!(target: "fake_graph", action = %call.action, user_id = %call.user_id, session_id = call.session_id.as_deref().unwrap_or(""), status = call.status, "fake Graph received {}", call.action);
     }
     lock(&state.calls).push(call);
@@ -658,7 +660,7 @@ async fn presence_answer(
             "clearPresence takes only sessionId",
         ));
     }
-    if lock(&state.sessions).remove(&key) {
+    if lock(&state.sessions).remove(&key) || state.dev {
         Ok(json(200, serde_json::json!({})))
     } else {
         Ok(graph_error(

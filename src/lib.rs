@@ -17,11 +17,13 @@
 //! - [`app`] — builds the pieces and runs them until shutdown.
 //! - [`shutdown`] — signals and exit codes.
 //! - [`telemetry`] — logging.
+//! - [`dev`] — `presence-reaper dev`: the daemon against the fake, no tenant.
 //! - [`fake`] — a fake Graph and token endpoint over HTTPS, for tests and `dev`.
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod dev;
 pub mod fake;
 pub mod graph;
 pub mod ids;

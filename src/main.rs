@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use presence_reaper::config::{Config, Environment};
-use presence_reaper::{App, shutdown, telemetry};
+use presence_reaper::{App, dev, shutdown, telemetry};
 
 /// Clears Microsoft Graph presence sessions that outlive the app that set them.
 #[derive(Debug, Parser)]
@@ -27,6 +27,11 @@ enum Command {
     ///
     /// Example: presence-reaper --config /etc/presence-reaper/config.toml run
     Run,
+    /// Run the daemon against a built-in fake Graph: no tenant needed.
+    ///
+    /// Uses a temporary store and prints how to try it.
+    /// Example: presence-reaper dev
+    Dev,
     /// Validate the config and print it resolved, secrets redacted.
     ///
     /// Exits 2 naming the key if the config is bad.
@@ -43,7 +48,11 @@ fn main() -> ExitCode {
     let path = cli
         .config
         .or_else(|| env.var("PRESENCE_REAPER_CONFIG").map(PathBuf::from));
-    let config = match Config::load(path.as_deref(), &env) {
+    let loaded = match cli.command {
+        Command::Dev => dev::load_config(path.as_deref(), &env),
+        _ => Config::load(path.as_deref(), &env),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("presence-reaper: configuration error: {e}");
@@ -55,11 +64,12 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::Run => daemon(config, false),
+        Command::Dev => daemon(config, true),
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn daemon(config: Config, dev: bool) -> ExitCode {
     telemetry::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,6 +89,15 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
+        if dev {
+            return match dev::run(config, token).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("presence-reaper: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
         let app = match App::build(config).await {
             Ok(app) => app,
             Err(e) => {

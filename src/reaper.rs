@@ -328,6 +328,15 @@ impl Reaper {
         }
     }
 
+    /// Fetches the first token ahead of the first deadline, so that the first
+    /// clear does not wait for it. A failure here is only logged: the clear
+    /// that needs the token handles it.
+    pub async fn warm_up(&self) {
+        if let Err(e) = self.graph.tokens().token().await {
+            tracing::warn!(error = %e, "cannot get a token yet; clears will retry");
+        }
+    }
+
     /// Makes every `clearing` session due now (start-up: finish what a
     /// previous run left).
     pub async fn resume(&self) -> Result<u64, StoreError> {

@@ -377,7 +377,14 @@ pub struct Store {
     due: Arc<DueSignal>,
     finished: watch::Sender<u64>,
     path: PathBuf,
-    _lock: Arc<File>,
+    shared: Arc<Shared>,
+}
+
+/// What [`Store::close`] tears down, whichever clone calls it.
+struct Shared {
+    lock: std::sync::Mutex<Option<File>>,
+    writer_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Store {
@@ -461,14 +468,25 @@ impl Store {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let due = Arc::new(DueSignal::new());
         let (finished, _) = watch::channel(0);
-        tokio::spawn(writer_loop(writer_conn, rx, due.clone(), finished.clone()));
+        let closing = tokio_util::sync::CancellationToken::new();
+        let writer_task = tokio::spawn(writer_loop(
+            writer_conn,
+            rx,
+            due.clone(),
+            finished.clone(),
+            closing.clone(),
+        ));
         Ok(Self {
             pool,
             writer: tx,
             due,
             finished,
             path: path.to_owned(),
-            _lock: Arc::new(lock),
+            shared: Arc::new(Shared {
+                lock: std::sync::Mutex::new(Some(lock)),
+                writer_task: tokio::sync::Mutex::new(Some(writer_task)),
+                closing,
+            }),
         })
     }
 
@@ -734,11 +752,19 @@ impl Store {
         Ok(c)
     }
 
-    /// Closes the pool and waits for queued writes to commit.
-    pub async fn close(self) {
-        let Store { pool, writer, .. } = self;
-        drop(writer);
-        pool.close().await;
+    /// Commits the writes already queued, closes the database and releases
+    /// the lock file. Every clone answers [`StoreError::Closed`] afterwards.
+    pub async fn close(&self) {
+        self.shared.closing.cancel();
+        if let Some(task) = self.shared.writer_task.lock().await.take() {
+            let _ = task.await;
+        }
+        self.pool.close().await;
+        self.shared
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -747,9 +773,21 @@ async fn writer_loop(
     mut rx: mpsc::Receiver<Op>,
     due: Arc<DueSignal>,
     finished: watch::Sender<u64>,
+    closing: tokio_util::sync::CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            _ = closing.cancelled(), if !rx.is_closed() => {
+                // Take no new writes; commit the ones already queued.
+                rx.close();
+                continue;
+            }
+        };
+        if n == 0 {
+            break;
+        }
         let ops = std::mem::take(&mut batch);
         match commit_batch(&mut conn, ops).await {
             Ok(effects) => effects.publish(&due, &finished),
@@ -1240,6 +1278,20 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }));
         assert!(err.to_string().contains("s.db"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn close_releases_the_lock_even_while_clones_live() {
+        let (dir, store) = open().await;
+        let clone = store.clone();
+        store.close().await;
+        let (u, s) = ids("a@x.com");
+        assert!(matches!(
+            clone.track(&u, &s, None, 5, 1).await,
+            Err(StoreError::Closed)
+        ));
+        let reopened = Store::open(&dir.path().join("s.db"), Durability::Normal).await;
+        assert!(reopened.is_ok(), "{reopened:?}");
     }
 
     #[test]

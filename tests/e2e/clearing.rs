@@ -211,13 +211,30 @@ async fn a_revoked_token_is_renewed_and_the_call_retried() {
 async fn a_failed_token_request_delays_without_counting_an_attempt() {
     let w = World::new().await;
     let app = w.spawn().await;
+    // A first clear makes sure a token is cached.
+    app.delete("warm@contoso.com?wait=true").await;
     w.fake.set_presence("a@contoso.com", APP_ID);
+    // The cached token is refused (401, attempt 1); the renewal fails once
+    // (no attempt, a delay); then a fresh token clears it (attempt 2).
+    w.fake.revoke_tokens();
     w.fake.push_token_failures([503]);
+    let before = w.fake.token_requests();
     app.delete("a@contoso.com").await;
     let s = app.wait_state("a@contoso.com", "cleared", 5 * SECOND).await;
-    assert_eq!(s["attempts"], 1);
-    assert_eq!(w.fake.token_requests(), 2);
-    assert_eq!(w.fake.clear_calls().len(), 1);
+    assert_eq!(s["attempts"], 2);
+    let calls: Vec<_> = w
+        .fake
+        .clear_calls()
+        .into_iter()
+        .filter(|c| c.user_id == "a@contoso.com")
+        .collect();
+    let statuses: Vec<u16> = calls.iter().map(|c| c.status).collect();
+    assert_eq!(statuses, vec![401, 200]);
+    assert_eq!(w.fake.token_requests(), before + 2);
+    assert!(
+        calls[1].at - calls[0].at >= Duration::from_millis(50),
+        "the token failure did not delay the retry"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,84 @@
+//! `presence-reaper dev`: the daemon against the built-in fake Graph and
+//! token endpoint, with a temporary store. No tenant needed.
+
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError};
+use crate::config::{Config, ConfigError, Environment};
+use crate::fake::{FakeError, FakeGraph, FakeTenant};
+
+/// Errors starting dev mode.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The config did not load.
+    #[error("configuration error: {0}")]
+    Config(#[from] ConfigError),
+    /// The fake did not start.
+    #[error("cannot start the fake Graph: {0}")]
+    Fake(#[from] FakeError),
+    /// Temporary files could not be written.
+    #[error("cannot prepare the temporary directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon failed.
+    #[error(transparent)]
+    App(#[from] AppError),
+}
+
+/// The placeholder secret dev mode gives the fake and the daemon.
+const DEV_SECRET: &str = "dev-secret-not-a-real-one";
+
+/// Loads `path` (if any) for dev mode: the tenant, client id and secret fall
+/// back to placeholders, since the fake accepts whatever it is told to.
+pub fn load_config(path: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+    let mut env = env.clone();
+    env.set_default("AZURE_TENANT_ID", "00000000-0000-4000-8000-000000000001");
+    env.set_default("AZURE_CLIENT_ID", "22553876-f5ab-4529-bffb-cfe50aa89f87");
+    env.set_default("AZURE_CLIENT_SECRET", DEV_SECRET);
+    Config::load(path, &env)
+}
+
+/// Runs the daemon against a fresh fake until `shutdown` fires.
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), DevError> {
+    let dir = tempfile::Builder::new()
+        .prefix("presence-reaper-dev-")
+        .tempdir()?;
+    let secret = crate::config::Secret::new(DEV_SECRET);
+    let fake = FakeGraph::start_dev(FakeTenant {
+        tenant_id: config.auth.tenant_id.clone(),
+        client_id: config.auth.client_id.clone(),
+        client_secret: secret.expose().to_owned(),
+        scope: config.graph.scope.clone(),
+    })
+    .await?;
+    let ca = dir.path().join("fake-graph-ca.pem");
+    std::fs::write(&ca, fake.ca_pem())?;
+    config.graph.base_url = fake.graph_base().parse().expect("the fake's URL parses");
+    config.auth.authority_host = fake
+        .authority_host()
+        .parse()
+        .expect("the fake's URL parses");
+    config.auth.client_secret = Some(secret);
+    config.auth.client_secret_file = None;
+    config.tls.extra_ca_file = Some(ca);
+    config.store.path = dir.path().join("sessions.db");
+
+    let app = App::build(config).await?;
+    let addr = app.local_addr();
+    println!(
+        "presence-reaper dev: the daemon runs against a fake Graph at {graph}\n\
+         store: {store} (deleted on exit)\n\
+         API:   http://{addr}\n\n\
+         Try it (every clearPresence the fake receives is logged here):\n\n  \
+         curl -s -X PUT http://{addr}/v1/sessions/adele@contoso.com -H 'content-type: application/json' -d '{{\"ttl_seconds\": 10, \"owner\": \"demo\"}}'\n  \
+         curl -s http://{addr}/v1/sessions\n  \
+         sleep 11; curl -s http://{addr}/v1/sessions/adele@contoso.com    # \"state\": \"cleared\"\n\n\
+         Stop with Ctrl-C (live sessions are cleared first).",
+        graph = fake.graph_base(),
+        store = dir.path().join("sessions.db").display(),
+    );
+    app.run(shutdown).await?;
+    drop(fake);
+    Ok(())
+}
