@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -83,6 +83,7 @@ impl From<StoreError> for ApiError {
 pub struct Lifecycle {
     ready: AtomicBool,
     shutting_down: AtomicBool,
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Lifecycle {
@@ -93,6 +94,10 @@ impl Lifecycle {
     /// Stop accepting new sessions.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+    /// The API is about to stop: callers still waiting are answered now.
+    pub fn set_stopping(&self) {
+        self.stopping.cancel();
     }
     /// True once shutdown began.
     pub fn is_shutting_down(&self) -> bool {
@@ -202,8 +207,12 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     }
 }
 
-fn user_id(raw: &str) -> Result<UserId, ApiError> {
-    UserId::parse(raw).map_err(|e| ApiError::bad("invalid_user_id", e.0))
+type PathParam = Result<Path<String>, PathRejection>;
+type QueryParams = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+fn user_id(raw: PathParam) -> Result<UserId, ApiError> {
+    let Path(raw) = raw.map_err(|e| ApiError::bad("invalid_user_id", e.body_text()))?;
+    UserId::parse(&raw).map_err(|e| ApiError::bad("invalid_user_id", e.0))
 }
 
 /// Query parameters, read by hand so that every problem gets a clear message.
@@ -302,8 +311,8 @@ struct TrackBody {
 
 async fn put_session(
     State(st): State<ApiState>,
-    Path(raw_user): Path<String>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    raw_user: PathParam,
+    query: QueryParams,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -314,7 +323,7 @@ async fn put_session(
             "the daemon is shutting down and takes no new sessions",
         ));
     }
-    let user = user_id(&raw_user)?;
+    let user = user_id(raw_user)?;
     Params::from(query)?.only(&[])?;
     let body: TrackBody = json_body(&headers, body)?;
     let now = now_ms();
@@ -382,10 +391,10 @@ async fn put_session(
 
 async fn get_session(
     State(st): State<ApiState>,
-    Path(raw_user): Path<String>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    raw_user: PathParam,
+    query: QueryParams,
 ) -> Result<Json<Session>, ApiError> {
-    let user = user_id(&raw_user)?;
+    let user = user_id(raw_user)?;
     let params = Params::from(query)?;
     params.only(&["session_id"])?;
     let session = params.session_id(&st.default_session)?;
@@ -398,10 +407,10 @@ async fn get_session(
 
 async fn delete_session(
     State(st): State<ApiState>,
-    Path(raw_user): Path<String>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    raw_user: PathParam,
+    query: QueryParams,
 ) -> Result<Response, ApiError> {
-    let user = user_id(&raw_user)?;
+    let user = user_id(raw_user)?;
     let params = Params::from(query)?;
     params.only(&["session_id", "wait"])?;
     let session = params.session_id(&st.default_session)?;
@@ -418,10 +427,7 @@ async fn delete_session(
         {
             return Ok(Json(row).into_response());
         }
-        if tokio::time::timeout_at(deadline, finished.changed())
-            .await
-            .is_err()
-        {
+        if !wait_for_change(&st.lifecycle, &mut finished, deadline).await {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -431,6 +437,19 @@ async fn delete_session(
                 ),
             ));
         }
+    }
+}
+
+/// Waits until some session ends. False at `deadline`, or when the API is
+/// stopping (so that waiting callers never hold up the daemon's exit).
+async fn wait_for_change(
+    lifecycle: &Lifecycle,
+    finished: &mut tokio::sync::watch::Receiver<u64>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, finished.changed()) => matches!(r, Ok(Ok(()))),
+        _ = lifecycle.stopping.cancelled() => false,
     }
 }
 
@@ -458,7 +477,7 @@ fn decode_cursor(c: &str) -> Option<(String, String)> {
 
 async fn list_sessions(
     State(st): State<ApiState>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    query: QueryParams,
 ) -> Result<Response, ApiError> {
     let params = Params::from(query)?;
     params.only(&["state", "owner", "limit", "cursor"])?;
@@ -532,7 +551,7 @@ struct ClearAllBody {
 
 async fn clear_all(
     State(st): State<ApiState>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    query: QueryParams,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -557,11 +576,7 @@ async fn clear_all(
     let deadline = tokio::time::Instant::now() + MAX_WAIT;
     loop {
         let counts = st.store.batch_counts(batch).await?;
-        if counts.pending == 0
-            || tokio::time::timeout_at(deadline, finished.changed())
-                .await
-                .is_err()
-        {
+        if counts.pending == 0 || !wait_for_change(&st.lifecycle, &mut finished, deadline).await {
             return Ok(Json(counts).into_response());
         }
     }

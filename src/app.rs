@@ -186,6 +186,7 @@ impl App {
         } else {
             tracing::info!("every session is settled");
         }
+        lifecycle.set_stopping();
         stop_api.cancel();
         match server.await {
             Ok(Ok(())) => {}
