@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, Lifecycle};
@@ -15,7 +18,7 @@ use crate::config::{Config, Listen};
 use crate::graph::{BuildError, GraphClient};
 use crate::ids::SessionId;
 use crate::reaper::Reaper;
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{BatchCounts, Session, Store, StoreError, now_ms};
 
 /// Why the daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -39,20 +42,59 @@ pub enum AppError {
     Serve(std::io::Error),
 }
 
+/// The API's listening socket.
+enum ApiListener {
+    Tcp(TcpListener, SocketAddr),
+    /// A Unix socket, removed again on exit.
+    Unix(UnixListener, PathBuf),
+}
+
+impl ApiListener {
+    async fn bind(listen: &Listen) -> Result<Self, AppError> {
+        let err = |source| AppError::Listen {
+            listen: listen.to_string(),
+            source,
+        };
+        match listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr).await.map_err(err)?;
+                let addr = l.local_addr().map_err(err)?;
+                Ok(Self::Tcp(l, addr))
+            }
+            Listen::Unix(path) => {
+                if path.exists() {
+                    // A socket file left by a crash is removed; one that
+                    // answers belongs to a running process and is not.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            "another process is listening on this socket",
+                        )));
+                    }
+                    std::fs::remove_file(path).map_err(err)?;
+                }
+                let l = UnixListener::bind(path).map_err(err)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(err)?;
+                Ok(Self::Unix(l, path.clone()))
+            }
+        }
+    }
+}
+
 /// A built daemon, ready to run.
 pub struct App {
     config: Config,
     store: Store,
     reaper: Arc<Reaper>,
-    listener: TcpListener,
-    addr: SocketAddr,
+    listener: ApiListener,
     lifecycle: Arc<Lifecycle>,
 }
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
-            .field("addr", &self.addr)
+            .field("endpoint", &self.endpoint())
             .finish_non_exhaustive()
     }
 }
@@ -69,43 +111,31 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let graph = Arc::new(GraphClient::from_config(&config)?);
         let store = Store::open(&config.store.path, config.store.durability).await?;
-        let listener = match &config.api.listen {
-            Listen::Tcp(addr) => {
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Listen {
-                        listen: config.api.listen.to_string(),
-                        source,
-                    })?
-            }
-            Listen::Unix(_) => {
-                return Err(AppError::Listen {
-                    listen: config.api.listen.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::Unsupported,
-                        "Unix sockets are not supported by this build yet; use host:port",
-                    ),
-                });
-            }
-        };
-        let addr = listener.local_addr().map_err(|source| AppError::Listen {
-            listen: config.api.listen.to_string(),
-            source,
-        })?;
+        let listener = ApiListener::bind(&config.api.listen).await?;
         let reaper = Reaper::new(&config, store.clone(), graph);
         Ok(Self {
             config,
             store,
             reaper,
             listener,
-            addr,
             lifecycle: Arc::new(Lifecycle::default()),
         })
     }
 
-    /// The address the API listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// The TCP address the API listens on (`None` on a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.listener {
+            ApiListener::Tcp(_, addr) => Some(*addr),
+            ApiListener::Unix(..) => None,
+        }
+    }
+
+    /// Where the API listens, as `host:port` or `unix:/path`.
+    pub fn endpoint(&self) -> String {
+        match &self.listener {
+            ApiListener::Tcp(_, addr) => addr.to_string(),
+            ApiListener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
     }
 
     /// The store (for tests and tools).
@@ -115,12 +145,12 @@ impl App {
 
     /// Serves and clears until `shutdown` is cancelled, then shuts down.
     pub async fn run(self, shutdown: CancellationToken) -> Result<ShutdownReport, AppError> {
+        let endpoint = self.endpoint();
         let App {
             config,
             store,
             reaper,
             listener,
-            addr,
             lifecycle,
         } = self;
         let default_session = SessionId::parse(&config.auth.client_id)
@@ -133,13 +163,21 @@ impl App {
             config.api.token.clone(),
         );
         let stop_api = CancellationToken::new();
-        let server = {
-            let stop = stop_api.clone();
-            tokio::spawn(async move {
-                axum::serve(listener, api::router(state))
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            })
+        let router = api::router(state);
+        let stop = stop_api.clone().cancelled_owned();
+        let (server, socket_file) = match listener {
+            ApiListener::Tcp(l, _) => (
+                tokio::spawn(
+                    async move { axum::serve(l, router).with_graceful_shutdown(stop).await },
+                ),
+                None,
+            ),
+            ApiListener::Unix(l, path) => (
+                tokio::spawn(
+                    async move { axum::serve(l, router).with_graceful_shutdown(stop).await },
+                ),
+                Some(path),
+            ),
         };
 
         let resumed = store.resume(now_ms()).await?;
@@ -156,7 +194,7 @@ impl App {
         let stop_reaper = CancellationToken::new();
         let reaper_task = tokio::spawn(reaper.clone().run(stop_reaper.clone()));
         lifecycle.set_ready();
-        tracing::info!(%addr, store = %store.path().display(), "presence-reaper is ready");
+        tracing::info!(addr = %endpoint, store = %store.path().display(), "presence-reaper is ready");
 
         shutdown.cancelled().await;
         lifecycle.set_shutting_down();
@@ -167,7 +205,8 @@ impl App {
             let deadline = config.shutdown.deadline.0;
             let (_, marked) = store.clear_all(None, now_ms()).await?;
             tracing::info!(sessions = marked, deadline = %humantime::format_duration(deadline), "clearing every live session before exit");
-            left = drain(&store, deadline).await;
+            // A second signal ends the process from `shutdown`; nothing cancels this.
+            left = drain(&store, deadline, &CancellationToken::new()).await;
         }
         warm_up.abort();
         stop_reaper.cancel();
@@ -188,7 +227,11 @@ impl App {
         }
         lifecycle.set_stopping();
         stop_api.cancel();
-        match server.await {
+        let served = server.await;
+        if let Some(path) = socket_file {
+            let _ = std::fs::remove_file(path);
+        }
+        match served {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(AppError::Serve(e)),
             Err(e) => tracing::error!(error = %e, "API server task failed"),
@@ -198,8 +241,9 @@ impl App {
     }
 }
 
-/// Waits until no session is live or `deadline` passes; returns how many are left.
-async fn drain(store: &Store, deadline: Duration) -> u64 {
+/// Waits until no session is live, `deadline` passes or `cancel` fires;
+/// returns how many are left.
+async fn drain(store: &Store, deadline: Duration, cancel: &CancellationToken) -> u64 {
     let mut finished = store.subscribe_finished();
     let until = tokio::time::Instant::now() + deadline;
     loop {
@@ -207,11 +251,47 @@ async fn drain(store: &Store, deadline: Duration) -> u64 {
         if left == 0 {
             return 0;
         }
-        if tokio::time::timeout_at(until, finished.changed())
-            .await
-            .is_err()
-        {
-            return left;
+        tokio::select! {
+            r = tokio::time::timeout_at(until, finished.changed()) => {
+                if r.is_err() {
+                    return left;
+                }
+            }
+            _ = cancel.cancelled() => return left,
         }
     }
+}
+
+/// What `presence-reaper drain` did.
+#[derive(Debug)]
+pub struct DrainReport {
+    /// Outcomes of the sessions that were live when the drain began.
+    pub counts: BatchCounts,
+    /// Those that did not end cleared or dropped (failed, or still live).
+    pub unfinished: Vec<Session>,
+}
+
+/// `presence-reaper drain`: takes the store's lock (no daemon may hold it),
+/// clears every live session with the daemon's retry policy until all have
+/// ended or `deadline` passes (or `cancel` fires).
+pub async fn drain_offline(
+    config: &Config,
+    deadline: Duration,
+    cancel: CancellationToken,
+) -> Result<DrainReport, AppError> {
+    let graph = Arc::new(GraphClient::from_config(config)?);
+    let store = Store::open(&config.store.path, config.store.durability).await?;
+    let reaper = Reaper::new(config, store.clone(), graph);
+    let (batch, marked) = store.clear_all(None, now_ms()).await?;
+    tracing::info!(sessions = marked, deadline = %humantime::format_duration(deadline), "draining the store");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reaper.clone().run(stop.clone()));
+    drain(&store, deadline, &cancel).await;
+    stop.cancel();
+    let _ = task.await;
+    reaper.wait_in_flight(Duration::from_millis(200)).await;
+    let counts = store.batch_counts(batch).await?;
+    let unfinished = store.batch_unfinished(batch).await?;
+    store.close().await;
+    Ok(DrainReport { counts, unfinished })
 }

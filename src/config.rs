@@ -571,25 +571,56 @@ fn valid_tenant(t: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
+fn resolve_api(api: FileApi) -> Result<ApiConfig, ConfigError> {
+    let listen = api
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:7740")
+        .parse::<Listen>()
+        .map_err(|p| ConfigError::new("api.listen", p))?;
+    let token = match &api.token_file {
+        Some(p) => Some(read_secret_file("api.token_file", p)?),
+        None => None,
+    };
+    Ok(ApiConfig {
+        listen,
+        token_file: api.token_file,
+        token,
+    })
+}
+
 impl Config {
+    /// Loads just `[api]` from `path`, for the commands that talk to a
+    /// running daemon: they need its address and token, not its credentials.
+    /// The rest of the file must still parse (unknown keys are errors).
+    pub fn load_api(path: Option<&Path>) -> Result<ApiConfig, ConfigError> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(p) => Self::read_file(p)?,
+        };
+        resolve_api(file.api)
+    }
+
+    fn read_file(p: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            ConfigError::new(
+                p.display().to_string(),
+                format!("cannot read config file: {e}"),
+            )
+        })?;
+        Self::parse_file(&text).map_err(|mut e| {
+            if e.key.is_empty() {
+                e.key = p.display().to_string();
+            }
+            e
+        })
+    }
+
     /// Loads the config from `path` (or none: defaults and environment only).
     pub fn load(path: Option<&Path>, env: &Environment) -> Result<Self, ConfigError> {
         let file = match path {
             None => FileConfig::default(),
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    ConfigError::new(
-                        p.display().to_string(),
-                        format!("cannot read config file: {e}"),
-                    )
-                })?;
-                Self::parse_file(&text).map_err(|mut e| {
-                    if e.key.is_empty() {
-                        e.key = p.display().to_string();
-                    }
-                    e
-                })?
-            }
+            Some(p) => Self::read_file(p)?,
         };
         Self::resolve(file, env)
     }
@@ -865,18 +896,7 @@ impl Config {
             deadline: f.shutdown.deadline.unwrap_or(Dur(Duration::from_secs(20))),
         };
 
-        // api
-        let listen = f
-            .api
-            .listen
-            .as_deref()
-            .unwrap_or("127.0.0.1:7740")
-            .parse::<Listen>()
-            .map_err(|p| ConfigError::new("api.listen", p))?;
-        let token = match &f.api.token_file {
-            Some(p) => Some(read_secret_file("api.token_file", p)?),
-            None => None,
-        };
+        let api = resolve_api(f.api)?;
 
         // log
         let level = f.log.level.unwrap_or_else(|| "info".to_owned());
@@ -932,11 +952,7 @@ impl Config {
                 max_backoff,
             },
             shutdown,
-            api: ApiConfig {
-                listen,
-                token_file: f.api.token_file,
-                token,
-            },
+            api,
             log: LogConfig {
                 level,
                 format: f.log.format.unwrap_or(LogFormat::Text),

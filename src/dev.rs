@@ -40,7 +40,14 @@ pub fn load_config(path: Option<&Path>, env: &Environment) -> Result<Config, Con
 }
 
 /// Runs the daemon against a fresh fake until `shutdown` fires.
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), DevError> {
+///
+/// `cli_prefix` is how the user invokes the CLI with the same config (for
+/// the commands it prints), e.g. `presence-reaper --config config.toml`.
+pub async fn run(
+    mut config: Config,
+    cli_prefix: &str,
+    shutdown: CancellationToken,
+) -> Result<(), DevError> {
     let dir = tempfile::Builder::new()
         .prefix("presence-reaper-dev-")
         .tempdir()?;
@@ -65,18 +72,19 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     config.store.path = dir.path().join("sessions.db");
 
     let app = App::build(config).await?;
-    let addr = app.local_addr();
+    let cli = cli_prefix;
     println!(
         "presence-reaper dev: the daemon runs against a fake Graph at {graph}\n\
          store: {store} (deleted on exit)\n\
-         API:   http://{addr}\n\n\
-         Try it (every clearPresence the fake receives is logged here):\n\n  \
-         curl -s -X PUT http://{addr}/v1/sessions/adele@contoso.com -H 'content-type: application/json' -d '{{\"ttl_seconds\": 10, \"owner\": \"demo\"}}'\n  \
-         curl -s http://{addr}/v1/sessions\n  \
-         sleep 11; curl -s http://{addr}/v1/sessions/adele@contoso.com    # \"state\": \"cleared\"\n\n\
+         API:   {endpoint}\n\n\
+         Try it from another terminal (every clearPresence the fake receives is logged here):\n\n  \
+         {cli} track adele@contoso.com --ttl 10s --owner demo\n  \
+         {cli} list\n  \
+         sleep 11; {cli} list --state cleared\n\n\
          Stop with Ctrl-C (live sessions are cleared first).",
         graph = fake.graph_base(),
         store = dir.path().join("sessions.db").display(),
+        endpoint = app.endpoint(),
     );
     app.run(shutdown).await?;
     drop(fake);

@@ -14,7 +14,8 @@
 //! - [`reaper`] — the scheduler, the only thing that decides when Graph is
 //!   called: deadlines, retries, backoff, sweeps.
 //! - [`api`] — the local HTTP API (axum).
-//! - [`app`] — builds the pieces and runs them until shutdown.
+//! - [`app`] — builds the pieces and runs them until shutdown; offline drain.
+//! - [`cli`] — the client side of `track`, `clear` and `list`.
 //! - [`shutdown`] — signals and exit codes.
 //! - [`telemetry`] — logging.
 //! - [`dev`] — `presence-reaper dev`: the daemon against the fake, no tenant.
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod fake;

@@ -752,6 +752,22 @@ impl Store {
         Ok(c)
     }
 
+    /// Sessions of a clear-all batch that did not end cleared or dropped.
+    pub async fn batch_unfinished(&self, batch: i64) -> Result<Vec<Session>, StoreError> {
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE clear_batch = ? \
+             AND state NOT IN ('cleared', 'dropped') ORDER BY user_id, session_id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(batch)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(session_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
     /// Commits the writes already queued, closes the database and releases
     /// the lock file. Every clone answers [`StoreError::Closed`] afterwards.
     pub async fn close(&self) {

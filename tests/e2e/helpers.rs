@@ -1,9 +1,13 @@
 //! Shared helpers: a fake Graph, a config pointing at it, and the real app
 //! started in-process on port 0 (or the real binary).
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use presence_reaper::App;
 use presence_reaper::app::ShutdownReport;
@@ -95,7 +99,7 @@ listen = "127.0.0.1:0"
 
     pub async fn spawn_with(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let app = App::build(self.config(tweak)).await.expect("app builds");
-        let addr = app.local_addr();
+        let addr = app.local_addr().expect("tests listen on TCP");
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
         let t = TestApp {
@@ -256,4 +260,107 @@ pub async fn stored(store: &Store, user: &str) -> Option<Session> {
 /// The path of the real binary.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_presence-reaper"))
+}
+
+/// The daemon as a child process, its stderr collected line by line.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(binary())
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "presence-reaper is ready"
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("daemon never became ready: {:?}", log.lock().unwrap()));
+        Self { child, addr, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn put(&self, user: &str, body: Value) -> Value {
+        let r = reqwest::Client::new()
+            .put(self.url(&format!("/v1/sessions/{user}")))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        serde_json::from_str(&r.text().await.unwrap()).unwrap()
+    }
+
+    pub async fn delete(&self, user: &str) {
+        let r = reqwest::Client::new()
+            .delete(self.url(&format!("/v1/sessions/{user}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread drain what is left.
+                std::thread::sleep(Duration::from_millis(100));
+                let log = self.log.lock().unwrap().join("\n");
+                return (status.code(), log);
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "daemon did not exit: {}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn write_config(w: &World, graph_extra: &str, extra: &str) -> std::path::PathBuf {
+    let path = w.dir.path().join("config.toml");
+    let text = w.config_toml(graph_extra, &format!("[log]\nformat = \"json\"\n{extra}"));
+    std::fs::write(&path, text).unwrap();
+    path
 }

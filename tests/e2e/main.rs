@@ -7,6 +7,7 @@
 
 mod api_input;
 mod clearing;
+mod cli;
 mod helpers;
 mod process;
 mod shutdown;

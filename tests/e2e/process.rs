@@ -2,120 +2,15 @@
 //! secrets kept out of logs. These tests block their thread while the child
 //! runs, so they use a multi-threaded runtime to keep the fake Graph serving.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use presence_reaper::fake::Fault;
 use presence_reaper::store::State;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::helpers::{APP_ID, World, binary, stored};
-
-/// The daemon as a child process, its stderr collected line by line.
-struct Daemon {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(binary())
-            .args(["--config", config.to_str().unwrap(), "run"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && v["message"] == "presence-reaper is ready"
-                {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("daemon never became ready: {:?}", log.lock().unwrap()));
-        Self { child, addr, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn put(&self, user: &str, body: Value) -> Value {
-        let r = reqwest::Client::new()
-            .put(self.url(&format!("/v1/sessions/{user}")))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        serde_json::from_str(&r.text().await.unwrap()).unwrap()
-    }
-
-    async fn delete(&self, user: &str) {
-        let r = reqwest::Client::new()
-            .delete(self.url(&format!("/v1/sessions/{user}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread drain what is left.
-                std::thread::sleep(Duration::from_millis(100));
-                let log = self.log.lock().unwrap().join("\n");
-                return (status.code(), log);
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!(
-                    "daemon did not exit: {}",
-                    self.log.lock().unwrap().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn write_config(w: &World, graph_extra: &str, extra: &str) -> std::path::PathBuf {
-    let path = w.dir.path().join("config.toml");
-    let text = w.config_toml(graph_extra, &format!("[log]\nformat = \"json\"\n{extra}"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use crate::helpers::{APP_ID, Daemon, World, binary, stored, write_config};
 
 fn check_config(path: &Path) -> (Option<i32>, String, String) {
     let out = Command::new(binary())
