@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::config::{Secret, SessionsConfig};
 use crate::ids::{Owner, SessionId, UserId};
+use crate::metrics::Metrics;
 use crate::store::{ListQuery, Session, State as SessionState, Store, StoreError, Tracked, now_ms};
 
 /// Largest request body accepted.
@@ -116,6 +117,7 @@ pub struct ApiState {
     default_session: SessionId,
     lifecycle: Arc<Lifecycle>,
     token: Option<Secret>,
+    metrics: Arc<Metrics>,
 }
 
 impl ApiState {
@@ -126,6 +128,7 @@ impl ApiState {
         default_session: SessionId,
         lifecycle: Arc<Lifecycle>,
         token: Option<Secret>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -133,6 +136,7 @@ impl ApiState {
             default_session,
             lifecycle,
             token,
+            metrics,
         }
     }
 }
@@ -151,6 +155,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(v1)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -209,6 +214,19 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 
 type PathParam = Result<Path<String>, PathRejection>;
 type QueryParams = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let counts = st.store.count_by_state().await?;
+    let body = st.metrics.render(&counts);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
 
 fn user_id(raw: PathParam) -> Result<UserId, ApiError> {
     let Path(raw) = raw.map_err(|e| ApiError::bad("invalid_user_id", e.body_text()))?;

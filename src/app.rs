@@ -17,6 +17,7 @@ use crate::api::{self, ApiState, Lifecycle};
 use crate::config::{Config, Listen};
 use crate::graph::{BuildError, GraphClient};
 use crate::ids::SessionId;
+use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::store::{BatchCounts, Session, Store, StoreError, now_ms};
 
@@ -87,6 +88,7 @@ pub struct App {
     config: Config,
     store: Store,
     reaper: Arc<Reaper>,
+    metrics: Arc<Metrics>,
     listener: ApiListener,
     lifecycle: Arc<Lifecycle>,
 }
@@ -112,11 +114,13 @@ impl App {
         let graph = Arc::new(GraphClient::from_config(&config)?);
         let store = Store::open(&config.store.path, config.store.durability).await?;
         let listener = ApiListener::bind(&config.api.listen).await?;
-        let reaper = Reaper::new(&config, store.clone(), graph);
+        let metrics = Arc::new(Metrics::new());
+        let reaper = Reaper::new(&config, store.clone(), graph, metrics.clone());
         Ok(Self {
             config,
             store,
             reaper,
+            metrics,
             listener,
             lifecycle: Arc::new(Lifecycle::default()),
         })
@@ -150,6 +154,7 @@ impl App {
             config,
             store,
             reaper,
+            metrics,
             listener,
             lifecycle,
         } = self;
@@ -161,6 +166,7 @@ impl App {
             default_session,
             lifecycle.clone(),
             config.api.token.clone(),
+            metrics,
         );
         let stop_api = CancellationToken::new();
         let router = api::router(state);
@@ -281,7 +287,7 @@ pub async fn drain_offline(
 ) -> Result<DrainReport, AppError> {
     let graph = Arc::new(GraphClient::from_config(config)?);
     let store = Store::open(&config.store.path, config.store.durability).await?;
-    let reaper = Reaper::new(config, store.clone(), graph);
+    let reaper = Reaper::new(config, store.clone(), graph, Arc::new(Metrics::new()));
     let (batch, marked) = store.clear_all(None, now_ms()).await?;
     tracing::info!(sessions = marked, deadline = %humantime::format_duration(deadline), "draining the store");
     let stop = CancellationToken::new();

@@ -60,6 +60,8 @@ pub struct TokenProvider {
     factory: CredentialFactory,
     current: Mutex<(u64, Arc<dyn TokenCredential>)>,
     scope: String,
+    /// The last token handed out, to tell a fetched token from a cached one.
+    last: Mutex<Option<Secret>>,
 }
 
 impl std::fmt::Debug for TokenProvider {
@@ -75,6 +77,8 @@ impl std::fmt::Debug for TokenProvider {
 pub struct Token {
     generation: u64,
     value: Secret,
+    /// True if Entra ID issued it just now (not from the cache).
+    pub fresh: bool,
 }
 
 impl TokenProvider {
@@ -125,6 +129,7 @@ impl TokenProvider {
             factory,
             current: Mutex::new((0, first)),
             scope,
+            last: Mutex::new(None),
         })
     }
 
@@ -138,9 +143,19 @@ impl TokenProvider {
             .get_token(&[self.scope.as_str()], None)
             .await
             .map_err(|e| format!("token request failed: {}", first_line(&e.to_string())))?;
+        let value = Secret::new(token.token.secret().to_owned());
+        let fresh = {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            let fresh = last.as_ref() != Some(&value);
+            if fresh {
+                *last = Some(value.clone());
+            }
+            fresh
+        };
         Ok(Token {
             generation,
-            value: Secret::new(token.token.secret().to_owned()),
+            value,
+            fresh,
         })
     }
 

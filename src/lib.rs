@@ -11,6 +11,7 @@
 //! - [`graph`] — the shared HTTP client, tokens through `azure_identity`, the
 //!   clearPresence request and the classification of Graph's answers.
 //! - [`limiter`] — the sliding-window rate limit and the global 429 pause.
+//! - [`metrics`] — Prometheus metrics.
 //! - [`reaper`] — the scheduler, the only thing that decides when Graph is
 //!   called: deadlines, retries, backoff, sweeps.
 //! - [`api`] — the local HTTP API (axum).
@@ -30,6 +31,7 @@ pub mod fake;
 pub mod graph;
 pub mod ids;
 pub mod limiter;
+pub mod metrics;
 pub mod reaper;
 pub mod shutdown;
 pub mod store;

@@ -122,12 +122,17 @@ pub struct Pause {
 }
 
 impl Pause {
-    /// Pauses all calls until at least `now + d`.
-    pub fn extend(&self, now: Instant, d: Duration) {
+    /// Pauses all calls until at least `now + d`; returns how much longer
+    /// the pause became.
+    pub fn extend(&self, now: Instant, d: Duration) -> Duration {
         let mut until = self.until.lock().unwrap_or_else(PoisonError::into_inner);
         let end = now + d;
-        if until.is_none_or(|u| u < end) {
+        let previous = until.filter(|&u| u > now).unwrap_or(now);
+        if end > previous {
             *until = Some(end);
+            end - previous
+        } else {
+            Duration::ZERO
         }
     }
 
@@ -187,11 +192,18 @@ mod tests {
     async fn pause_only_ever_extends() {
         let pause = Pause::default();
         let now = Instant::now();
-        pause.extend(now, Duration::from_secs(5));
-        pause.extend(now, Duration::from_secs(2));
-        assert_eq!(pause.until(now), Some(now + Duration::from_secs(5)));
+        assert_eq!(
+            pause.extend(now, Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(pause.extend(now, Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(
+            pause.extend(now, Duration::from_secs(6)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(pause.until(now), Some(now + Duration::from_secs(6)));
         pause.wait().await;
-        assert_eq!(Instant::now(), now + Duration::from_secs(5));
+        assert_eq!(Instant::now(), now + Duration::from_secs(6));
         assert_eq!(pause.until(Instant::now()), None);
     }
 }

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, RetryConfig, Timezone};
 use crate::graph::{Answer, GraphClient};
 use crate::limiter::{Pause, RateLimiter};
+use crate::metrics::{ClearOutcome, Metrics};
 use crate::store::{DueSession, Outcome, Store, StoreError, now_ms};
 
 type Key = (String, String);
@@ -91,6 +92,7 @@ pub struct Reaper {
     tasks: TaskTracker,
     sweep: Option<Cron>,
     clear_all: Vec<Cron>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Reaper {
@@ -101,7 +103,12 @@ impl std::fmt::Debug for Reaper {
 
 impl Reaper {
     /// A scheduler over `store` that clears through `graph`.
-    pub fn new(config: &Config, store: Store, graph: Arc<GraphClient>) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        graph: Arc<GraphClient>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let tz = config.schedule.timezone;
         Arc::new(Self {
             store,
@@ -124,6 +131,7 @@ impl Reaper {
                 .iter()
                 .filter_map(|e| Cron::new(e, tz))
                 .collect(),
+            metrics,
         })
     }
 
@@ -203,14 +211,8 @@ impl Reaper {
         let mut sent: i64 = 0;
         let mut slot = Some(slot);
         let answer = loop {
-            let token = match self.graph.tokens().token().await {
-                Ok(t) => {
-                    *self
-                        .token_failures
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = 0;
-                    t
-                }
+            let token = match self.token().await {
+                Ok(t) => t,
                 Err(error) => {
                     drop(slot.take());
                     self.token_failed(&d, sent, error).await;
@@ -221,12 +223,17 @@ impl Reaper {
                 Some(s) => s,
                 None => self.limiter.acquire().await,
             };
+            if sent == 0 && d.deadline {
+                let lag_ms = (now_ms() - d.due_at).max(0) as u64;
+                self.metrics.clear_lag(Duration::from_millis(lag_ms));
+            }
             let answer = self
                 .graph
                 .send_clear(&d.user_id, &d.session_id, &token)
                 .await;
             drop(slot_now);
             sent += 1;
+            self.metrics.graph_request(answer.status_class());
             match answer {
                 Answer::Unauthorized(_) if sent == 1 => {
                     tracing::info!(user_id = %d.user_id, "Graph refused the token (401); renewing it");
@@ -258,13 +265,15 @@ impl Reaper {
             } => {
                 let delay = backoff(&self.retry, attempts as u32, fastrand::f64());
                 if throttled {
+                    self.metrics.throttled();
                     // Throttling is per app per tenant: everyone waits.
                     let pause = after.unwrap_or(delay);
                     tracing::warn!(
                         pause_ms = pause.as_millis() as u64,
                         "Graph throttled us (429); pausing all calls"
                     );
-                    self.pause.extend(Instant::now(), pause);
+                    self.metrics
+                        .paused(self.pause.extend(Instant::now(), pause));
                 }
                 if attempts >= i64::from(self.retry.max_attempts) {
                     Outcome::Failed(format!("{error} (gave up after {attempts} attempts)"))
@@ -307,7 +316,8 @@ impl Reaper {
         // as failures repeat, rather than have each session hammer Entra ID.
         let delay = backoff(&self.retry, failures, fastrand::f64());
         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot get a token; pausing Graph calls");
-        self.pause.extend(Instant::now(), delay);
+        self.metrics
+            .paused(self.pause.extend(Instant::now(), delay));
         let now = now_ms();
         let outcome = Outcome::Retry {
             next_at: now + delay.as_millis() as i64,
@@ -316,7 +326,31 @@ impl Reaper {
         self.write(d, sent, outcome, now).await;
     }
 
+    /// A token, counting fetches and resetting the token backoff on success.
+    async fn token(&self) -> Result<crate::graph::Token, String> {
+        let result = self.graph.tokens().token().await;
+        match &result {
+            Ok(t) => {
+                if t.fresh {
+                    self.metrics.token_request(true);
+                }
+                *self
+                    .token_failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = 0;
+            }
+            Err(_) => self.metrics.token_request(false),
+        }
+        result
+    }
+
     async fn write(&self, d: &DueSession, sent: i64, outcome: Outcome, now: i64) {
+        self.metrics.clear(match &outcome {
+            Outcome::Cleared => ClearOutcome::Cleared,
+            Outcome::Dropped => ClearOutcome::Dropped,
+            Outcome::Failed(_) => ClearOutcome::Failed,
+            Outcome::Retry { .. } => ClearOutcome::Retried,
+        });
         match self.store.record(d, sent, outcome, now).await {
             Ok(true) => {}
             Ok(false) => {
@@ -332,7 +366,7 @@ impl Reaper {
     /// clear does not wait for it. A failure here is only logged: the clear
     /// that needs the token handles it.
     pub async fn warm_up(&self) {
-        if let Err(e) = self.graph.tokens().token().await {
+        if let Err(e) = self.token().await {
             tracing::warn!(error = %e, "cannot get a token yet; clears will retry");
         }
     }
@@ -375,7 +409,10 @@ impl Reaper {
             }
             if next_clear_all.is_some_and(|t| t <= now) {
                 match self.store.clear_all(None, now).await {
-                    Ok((_, n)) => tracing::info!(sessions = n, "scheduled clear-all"),
+                    Ok((_, n)) => {
+                        self.metrics.scheduled_clear_all();
+                        tracing::info!(sessions = n, "scheduled clear-all")
+                    }
                     Err(e) => tracing::error!(error = %e, "scheduled clear-all failed"),
                 }
                 next_clear_all = self.next_clear_all(now);

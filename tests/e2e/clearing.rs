@@ -377,3 +377,70 @@ async fn clear_all_by_owner_waits_and_counts() {
     assert_eq!((status, v), (202, json!({"scheduled": 1})));
     app.wait_state("d@x.com", "dropped", 5 * SECOND).await;
 }
+
+#[tokio::test]
+async fn metrics_count_clears_requests_throttling_tokens_and_lag() {
+    let w = World::new().await;
+    let app = w.spawn().await;
+    w.fake.set_presence("a@contoso.com", APP_ID);
+    w.fake.push_faults([Fault::Throttle("0.2".into())]);
+    app.put("a@contoso.com", json!({"ttl_seconds": 1})).await;
+    app.put("b@contoso.com", json!({"ttl_seconds": 3600})).await;
+    app.wait_state("a@contoso.com", "cleared", 5 * SECOND).await;
+    let resp = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics-text")
+    );
+    let text = resp.text().await.unwrap();
+    for needle in [
+        "presence_reaper_sessions{state=\"tracked\"} 1",
+        "presence_reaper_sessions{state=\"cleared\"} 1",
+        "presence_reaper_clears_total{outcome=\"cleared\"} 1",
+        "presence_reaper_clears_total{outcome=\"retried\"} 1",
+        "presence_reaper_graph_requests_total{status=\"2xx\"} 1",
+        "presence_reaper_graph_requests_total{status=\"4xx\"} 1",
+        "presence_reaper_graph_throttled_total 1",
+        "presence_reaper_token_requests_total{result=\"ok\"} 1",
+        "presence_reaper_clear_lag_seconds_count 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    let paused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("presence_reaper_graph_paused_seconds_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(paused >= 0.19, "{paused}");
+}
+
+#[tokio::test]
+async fn scheduled_clear_all_clears_every_session() {
+    let w = World::new().await;
+    let app = w
+        .spawn_with(|c| c.schedule.clear_all = vec!["*/2 * * * * *".into()])
+        .await;
+    for u in ["a@contoso.com", "b@contoso.com"] {
+        w.fake.set_presence(u, APP_ID);
+        app.put(u, json!({"ttl_seconds": 3600, "owner": "x"})).await;
+    }
+    app.wait_state("a@contoso.com", "cleared", 5 * SECOND).await;
+    app.wait_state("b@contoso.com", "cleared", 5 * SECOND).await;
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("presence_reaper_scheduled_clear_alls_total 0"),
+        "{text}"
+    );
+}
