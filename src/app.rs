@@ -20,6 +20,7 @@ use crate::ids::SessionId;
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::store::{BatchCounts, Session, Store, StoreError, now_ms};
+use crate::systemd;
 
 /// Why the daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -200,13 +201,22 @@ impl App {
         let stop_reaper = CancellationToken::new();
         let reaper_task = tokio::spawn(reaper.clone().run(stop_reaper.clone()));
         lifecycle.set_ready();
+        let live = store.live_count().await.unwrap_or(0);
+        systemd::ready(&format!(
+            "ready on {endpoint}; tracking {live} live sessions"
+        ));
+        let stop_systemd = CancellationToken::new();
+        let watchdog = tokio::spawn(systemd::watchdog(store.clone(), stop_systemd.clone()));
+        let status = tokio::spawn(systemd::status_updates(store.clone(), stop_systemd.clone()));
         tracing::info!(addr = %endpoint, store = %store.path().display(), "presence-reaper is ready");
 
         shutdown.cancelled().await;
         lifecycle.set_shutting_down();
+        status.abort();
+        let mut left = store.live_count().await.unwrap_or(0);
+        systemd::stopping(&format!("shutting down; {left} live sessions"));
         tracing::info!("shutting down: new sessions are refused");
 
-        let mut left = store.live_count().await.unwrap_or(0);
         if config.shutdown.clear_on_shutdown && left > 0 {
             let deadline = config.shutdown.deadline.0;
             let (_, marked) = store.clear_all(None, now_ms()).await?;
@@ -242,27 +252,41 @@ impl App {
             Ok(Err(e)) => return Err(AppError::Serve(e)),
             Err(e) => tracing::error!(error = %e, "API server task failed"),
         }
+        stop_systemd.cancel();
+        let _ = watchdog.await;
         store.close().await;
         Ok(ShutdownReport { left })
     }
 }
 
+/// Time asked of systemd beyond the drain deadline, for the exit itself.
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
+
 /// Waits until no session is live, `deadline` passes or `cancel` fires;
-/// returns how many are left.
+/// returns how many are left. Meanwhile it keeps systemd informed and asks
+/// it for more time (EXTEND_TIMEOUT_USEC) while there is work and time left.
 async fn drain(store: &Store, deadline: Duration, cancel: &CancellationToken) -> u64 {
     let mut finished = store.subscribe_finished();
-    let until = tokio::time::Instant::now() + deadline;
+    let start = tokio::time::Instant::now();
+    let until = start + deadline;
+    let mut next_report = start;
     loop {
         let left = store.live_count().await.unwrap_or(u64::MAX);
         if left == 0 {
             return 0;
         }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return left;
+        }
+        if now >= next_report {
+            systemd::extend_timeout(until - now + EXIT_MARGIN);
+            systemd::status(&format!("shutting down: {left} sessions left to clear"));
+            next_report = now + Duration::from_secs(5);
+        }
         tokio::select! {
-            r = tokio::time::timeout_at(until, finished.changed()) => {
-                if r.is_err() {
-                    return left;
-                }
-            }
+            _ = finished.changed() => {}
+            _ = tokio::time::sleep_until(until.min(next_report)) => {}
             _ = cancel.cancelled() => return left,
         }
     }

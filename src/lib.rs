@@ -18,6 +18,7 @@
 //! - [`app`] — builds the pieces and runs them until shutdown; offline drain.
 //! - [`cli`] — the client side of `track`, `clear` and `list`.
 //! - [`shutdown`] — signals and exit codes.
+//! - [`systemd`] — sd_notify: READY, STATUS, WATCHDOG, STOPPING, EXTEND_TIMEOUT.
 //! - [`telemetry`] — logging.
 //! - [`dev`] — `presence-reaper dev`: the daemon against the fake, no tenant.
 //! - [`fake`] — a fake Graph and token endpoint over HTTPS, for tests and `dev`.
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod reaper;
 pub mod shutdown;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 pub use app::App;

@@ -752,6 +752,20 @@ impl Store {
         Ok(c)
     }
 
+    /// When the last session ended, and whose it was.
+    pub async fn last_finished(&self) -> Result<Option<(i64, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT finished_at, user_id FROM sessions WHERE finished_at IS NOT NULL \
+             ORDER BY finished_at DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("finished_at")?, r.try_get("user_id")?)),
+            None => None,
+        })
+    }
+
     /// Sessions of a clear-all batch that did not end cleared or dropped.
     pub async fn batch_unfinished(&self, batch: i64) -> Result<Vec<Session>, StoreError> {
         let sql = format!(

@@ -271,8 +271,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary())
             .args(["--config", config.to_str().unwrap(), "run"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
