@@ -306,6 +306,10 @@ struct FileAuth {
     client_id: Option<String>,
     credential: Option<CredentialKind>,
     client_secret_file: Option<PathBuf>,
+    client_certificate_file: Option<PathBuf>,
+    client_certificate_password_file: Option<PathBuf>,
+    federated_token_file: Option<PathBuf>,
+    user_assigned_identity: Option<bool>,
     authority_host: Option<String>,
 }
 
@@ -424,8 +428,8 @@ pub struct RateLimitConfig {
 /// `[auth]`
 #[derive(Debug, Clone, Serialize)]
 pub struct AuthConfig {
-    /// Directory (tenant) id.
-    pub tenant_id: String,
+    /// Directory (tenant) id (a managed identity may leave it out).
+    pub tenant_id: Option<String>,
     /// Application (client) id; also the default presence session id.
     pub client_id: String,
     /// Credential type.
@@ -434,6 +438,15 @@ pub struct AuthConfig {
     pub client_secret_file: Option<PathBuf>,
     /// The client secret (printed redacted).
     pub client_secret: Option<Secret>,
+    /// PKCS#12 file with the certificate and its RSA key (`client_certificate`).
+    pub client_certificate_file: Option<PathBuf>,
+    /// The PKCS#12 file's password (printed redacted).
+    pub client_certificate_password: Option<Secret>,
+    /// Kubernetes service account token file (`workload_identity`).
+    pub federated_token_file: Option<PathBuf>,
+    /// `managed_identity`: use the user-assigned identity whose client id is
+    /// `client_id` rather than the system-assigned one.
+    pub user_assigned_identity: bool,
     /// Entra ID authority host.
     pub authority_host: Url,
 }
@@ -534,6 +547,15 @@ fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
         ));
     }
     Ok(Secret::new(value))
+}
+
+fn kind_name(kind: CredentialKind) -> &'static str {
+    match kind {
+        CredentialKind::ClientSecret => "client_secret",
+        CredentialKind::ClientCertificate => "client_certificate",
+        CredentialKind::ManagedIdentity => "managed_identity",
+        CredentialKind::WorkloadIdentity => "workload_identity",
+    }
 }
 
 fn positive(key: &str, v: i64, max: i64) -> Result<i64, ConfigError> {
@@ -711,18 +733,25 @@ impl Config {
         };
 
         // auth
+        let credential = f.auth.credential.unwrap_or(CredentialKind::ClientSecret);
         let tenant_id = f
             .auth
             .tenant_id
-            .or_else(|| env.var("AZURE_TENANT_ID").map(str::to_owned))
-            .ok_or_else(|| {
-                ConfigError::new("auth.tenant_id", "is required (or set AZURE_TENANT_ID)")
-            })?;
-        if !valid_tenant(&tenant_id) {
+            .or_else(|| env.var("AZURE_TENANT_ID").map(str::to_owned));
+        // A managed identity knows its tenant; every other credential names it.
+        if tenant_id.is_none() && credential != CredentialKind::ManagedIdentity {
+            return Err(ConfigError::new(
+                "auth.tenant_id",
+                "is required (or set AZURE_TENANT_ID)",
+            ));
+        }
+        if let Some(t) = &tenant_id
+            && !valid_tenant(t)
+        {
             return Err(ConfigError::new(
                 "auth.tenant_id",
                 format!(
-                    "{tenant_id:?} is not a tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"
+                    "{t:?} is not a tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"
                 ),
             ));
         }
@@ -742,8 +771,44 @@ impl Config {
             ));
         }
         let client_id = client_id.to_ascii_lowercase();
-        let credential = f.auth.credential.unwrap_or(CredentialKind::ClientSecret);
-        let client_secret = if let Some(p) = &f.auth.client_secret_file {
+        let only_for = |key: &str, set: bool, kind: CredentialKind| {
+            if set && credential != kind {
+                Err(ConfigError::new(
+                    key,
+                    format!("is only used with auth.credential = {:?}", kind_name(kind)),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        only_for(
+            "auth.client_certificate_file",
+            f.auth.client_certificate_file.is_some(),
+            CredentialKind::ClientCertificate,
+        )?;
+        only_for(
+            "auth.client_certificate_password_file",
+            f.auth.client_certificate_password_file.is_some(),
+            CredentialKind::ClientCertificate,
+        )?;
+        only_for(
+            "auth.federated_token_file",
+            f.auth.federated_token_file.is_some(),
+            CredentialKind::WorkloadIdentity,
+        )?;
+        only_for(
+            "auth.user_assigned_identity",
+            f.auth.user_assigned_identity.is_some(),
+            CredentialKind::ManagedIdentity,
+        )?;
+        only_for(
+            "auth.client_secret_file",
+            f.auth.client_secret_file.is_some(),
+            CredentialKind::ClientSecret,
+        )?;
+        let client_secret = if credential != CredentialKind::ClientSecret {
+            None
+        } else if let Some(p) = &f.auth.client_secret_file {
             Some(read_secret_file("auth.client_secret_file", p)?)
         } else if let Some(dir) = env.var("CREDENTIALS_DIRECTORY")
             && Path::new(dir).join("client-secret").exists()
@@ -762,15 +827,55 @@ impl Config {
                  a systemd credential named client-secret, or AZURE_CLIENT_SECRET",
             ));
         }
-        if credential != CredentialKind::ClientSecret {
-            return Err(ConfigError::new(
-                "auth.credential",
-                format!(
-                    "{:?} is not supported by this build yet; use \"client_secret\"",
-                    credential
-                ),
-            ));
-        }
+        let client_certificate_file = match (credential, &f.auth.client_certificate_file) {
+            (CredentialKind::ClientCertificate, None) => {
+                return Err(ConfigError::new(
+                    "auth.client_certificate_file",
+                    "auth.credential = \"client_certificate\" needs a PKCS#12 (.pfx) file \
+                     holding the certificate and its RSA private key",
+                ));
+            }
+            (_, Some(p)) => {
+                std::fs::File::open(p).map_err(|e| {
+                    ConfigError::new(
+                        "auth.client_certificate_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                Some(p.clone())
+            }
+            (_, None) => None,
+        };
+        let client_certificate_password = match &f.auth.client_certificate_password_file {
+            Some(p) => Some(read_secret_file(
+                "auth.client_certificate_password_file",
+                p,
+            )?),
+            None => None,
+        };
+        let federated_token_file = if credential == CredentialKind::WorkloadIdentity {
+            let p = f
+                .auth
+                .federated_token_file
+                .clone()
+                .or_else(|| env.var("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "auth.federated_token_file",
+                        "auth.credential = \"workload_identity\" needs the service account \
+                         token file (or AZURE_FEDERATED_TOKEN_FILE, set by the workload identity webhook)",
+                    )
+                })?;
+            std::fs::File::open(&p).map_err(|e| {
+                ConfigError::new(
+                    "auth.federated_token_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            Some(p)
+        } else {
+            None
+        };
         let authority_host = match f.auth.authority_host.as_deref() {
             None => Url::parse(cloud.authority_host()).expect("static URL"),
             Some(s) => {
@@ -927,6 +1032,10 @@ impl Config {
                 credential,
                 client_secret_file: f.auth.client_secret_file,
                 client_secret,
+                client_certificate_file,
+                client_certificate_password,
+                federated_token_file,
+                user_assigned_identity: f.auth.user_assigned_identity.unwrap_or(false),
                 authority_host,
             },
             tls: TlsConfig {

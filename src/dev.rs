@@ -52,11 +52,17 @@ pub async fn run(
         .prefix("presence-reaper-dev-")
         .tempdir()?;
     let secret = crate::config::Secret::new(DEV_SECRET);
+    let tenant_id = config
+        .auth
+        .tenant_id
+        .clone()
+        .unwrap_or_else(|| FakeTenant::default().tenant_id);
     let fake = FakeGraph::start_dev(FakeTenant {
-        tenant_id: config.auth.tenant_id.clone(),
+        tenant_id: tenant_id.clone(),
         client_id: config.auth.client_id.clone(),
         client_secret: secret.expose().to_owned(),
         scope: config.graph.scope.clone(),
+        ..FakeTenant::default()
     })
     .await?;
     let ca = dir.path().join("fake-graph-ca.pem");
@@ -66,6 +72,11 @@ pub async fn run(
         .authority_host()
         .parse()
         .expect("the fake's URL parses");
+    // The fake speaks client credentials with a secret, whatever the config uses.
+    config.auth.credential = crate::config::CredentialKind::ClientSecret;
+    config.auth.tenant_id = Some(tenant_id);
+    config.auth.client_certificate_file = None;
+    config.auth.federated_token_file = None;
     config.auth.client_secret = Some(secret);
     config.auth.client_secret_file = None;
     config.tls.extra_ca_file = Some(ca);

@@ -85,6 +85,11 @@ pub struct FakeTenant {
     pub client_secret: String,
     /// Required scope.
     pub scope: String,
+    /// The service account token a workload identity presents as its assertion.
+    pub federated_token: String,
+    /// The `x-identity-header` the managed identity endpoint (App Service
+    /// style, `GET /msi/token`) requires.
+    pub identity_header: String,
 }
 
 impl Default for FakeTenant {
@@ -94,6 +99,8 @@ impl Default for FakeTenant {
             client_id: "22553876-f5ab-4529-bffb-cfe50aa89f87".into(),
             client_secret: "fake-client-secret-do-not-log".into(),
             scope: "https://graph.microsoft.com/.default".into(),
+            federated_token: "fake-federated-service-account-token".into(),
+            identity_header: "fake-identity-header".into(),
         }
     }
 }
@@ -409,6 +416,9 @@ fn with_retry_after(mut r: Answer, value: &str) -> Answer {
 async fn handle(state: Arc<FakeState>, req: Request<Incoming>) -> Result<Answer, Dropped> {
     let path = req.uri().path().to_owned();
     let token_path = format!("/{}/oauth2/v2.0/token", state.tenant.tenant_id);
+    if path == "/msi/token" && req.method() == hyper::Method::GET {
+        return Ok(msi_token(&state, &req));
+    }
     if path == token_path && req.method() == hyper::Method::POST {
         let body = req
             .into_body()
@@ -467,12 +477,26 @@ fn token(state: &FakeState, body: &[u8]) -> Answer {
             serde_json::json!({"error": "unsupported_grant_type", "error_description": "AADSTS70003: grant type not supported.", "error_codes": [70003]}),
         );
     }
-    if get("client_id") != Some(t.client_id.as_str())
-        || get("client_secret") != Some(t.client_secret.as_str())
-    {
+    if get("client_id") != Some(t.client_id.as_str()) {
+        return json(
+            400,
+            serde_json::json!({"error": "unauthorized_client", "error_description": "AADSTS700016: Application not found in the directory.", "error_codes": [700016]}),
+        );
+    }
+    let authenticated = match (get("client_secret"), get("client_assertion")) {
+        (Some(secret), None) => secret == t.client_secret,
+        (None, Some(assertion)) => {
+            get("client_assertion_type")
+                == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                && (assertion == t.federated_token
+                    || is_certificate_assertion(assertion, &t.client_id))
+        }
+        _ => false,
+    };
+    if !authenticated {
         return json(
             401,
-            serde_json::json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided.", "error_codes": [7000215]}),
+            serde_json::json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret or assertion provided.", "error_codes": [7000215]}),
         );
     }
     if get("scope") != Some(t.scope.as_str()) {
@@ -486,6 +510,82 @@ fn token(state: &FakeState, body: &[u8]) -> Answer {
     json(
         200,
         serde_json::json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": access}),
+    )
+}
+
+/// A client assertion signed with a certificate, as Entra ID expects it: a
+/// JWT naming the certificate (`x5t`/`x5t#S256`) whose issuer and subject are
+/// the client id and whose audience is the token endpoint. The fake checks
+/// the shape, not the signature.
+fn is_certificate_assertion(jwt: &str, client_id: &str) -> bool {
+    use base64::Engine;
+    let decode = |part: &str| -> Option<serde_json::Value> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let mut parts = jwt.split('.');
+    let (Some(h), Some(p), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let (Some(header), Some(payload)) = (decode(h), decode(p)) else {
+        return false;
+    };
+    (header.get("x5t").is_some() || header.get("x5t#S256").is_some())
+        && header["alg"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("RS") || a.starts_with("PS"))
+        && payload["iss"] == client_id
+        && payload["sub"] == client_id
+        && payload["aud"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("/oauth2/v2.0/token"))
+        && !sig.is_empty()
+}
+
+/// The App Service managed identity endpoint.
+fn msi_token(state: &FakeState, req: &Request<Incoming>) -> Answer {
+    state.token_requests.fetch_add(1, Ordering::SeqCst);
+    let t = &state.tenant;
+    let header_ok = req
+        .headers()
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok())
+        == Some(t.identity_header.as_str());
+    if !header_ok {
+        return json(
+            401,
+            serde_json::json!({"error": "unauthorized", "error_description": "missing or wrong x-identity-header"}),
+        );
+    }
+    let query: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let resource = t.scope.trim_end_matches("/.default");
+    if query.get("resource").map(String::as_str) != Some(resource) {
+        return json(
+            400,
+            serde_json::json!({"error": "invalid_resource", "error_description": "unexpected resource"}),
+        );
+    }
+    if let Some(id) = query.get("client_id")
+        && id != &t.client_id
+    {
+        return json(
+            400,
+            serde_json::json!({"error": "invalid_request", "error_description": "no such user-assigned identity"}),
+        );
+    }
+    let access = format!("fake-token-{}", uuid::Uuid::new_v4());
+    lock(&state.tokens).insert(access.clone());
+    let expires_on = chrono::Utc::now().timestamp() + 3600;
+    json(
+        200,
+        serde_json::json!({"access_token": access, "expires_on": expires_on.to_string(), "token_type": "Bearer", "resource": resource}),
     )
 }
 

@@ -6,14 +6,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+use azure_core::credentials::SecretBytes;
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{ClientOptions, RetryOptions, Transport};
-use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
+use azure_identity::{
+    ClientAssertionCredentialOptions, ClientCertificateCredential,
+    ClientCertificateCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+    ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
+    WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use url::Url;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, CredentialKind, Secret};
 use crate::ids::{SessionId, UserId};
 
 /// The `User-Agent` sent with every request.
@@ -82,44 +88,97 @@ pub struct Token {
 }
 
 impl TokenProvider {
-    /// Client-credentials tokens for the configured app, through `http`.
+    /// Tokens for the configured app and credential, through `http`.
     pub fn from_config(config: &Config, http: reqwest::Client) -> Result<Self, BuildError> {
-        let tenant = config.auth.tenant_id.clone();
-        let client_id = config.auth.client_id.clone();
-        let secret = config
-            .auth
-            .client_secret
-            .clone()
-            .ok_or_else(|| BuildError::Credential("no client secret".into()))?;
+        let auth = config.auth.clone();
         let mut cloud = CustomConfiguration::default();
-        cloud.authority_host = config
-            .auth
+        cloud.authority_host = auth
             .authority_host
             .as_str()
             .trim_end_matches('/')
             .to_owned();
         let cloud = Arc::new(CloudConfiguration::from(cloud));
         let transport = Transport::new(Arc::new(http));
-        let factory: CredentialFactory = Box::new(move || {
-            let options = ClientSecretCredentialOptions {
-                client_options: ClientOptions {
-                    transport: Some(transport.clone()),
-                    cloud: Some(cloud.clone()),
-                    // Retries are the scheduler's job: it knows about backoff,
-                    // pauses and shutdown deadlines.
-                    retry: RetryOptions::none(),
-                    ..Default::default()
-                },
-            };
-            let credential: Arc<dyn TokenCredential> = ClientSecretCredential::new(
-                &tenant,
-                client_id.clone(),
-                azure_core::credentials::Secret::new(secret.expose().to_owned()),
-                Some(options),
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(credential)
-        });
+        let client_options = move || ClientOptions {
+            transport: Some(transport.clone()),
+            cloud: Some(cloud.clone()),
+            // Retries are the scheduler's job: it knows about backoff,
+            // pauses and shutdown deadlines.
+            retry: RetryOptions::none(),
+            ..Default::default()
+        };
+        let tenant = auth.tenant_id.clone().unwrap_or_default();
+        let factory: CredentialFactory = match auth.credential {
+            CredentialKind::ClientSecret => {
+                let secret = auth
+                    .client_secret
+                    .clone()
+                    .ok_or_else(|| BuildError::Credential("no client secret".into()))?;
+                Box::new(move || {
+                    let credential: Arc<dyn TokenCredential> = ClientSecretCredential::new(
+                        &tenant,
+                        auth.client_id.clone(),
+                        azure_core::credentials::Secret::new(secret.expose().to_owned()),
+                        Some(ClientSecretCredentialOptions {
+                            client_options: client_options(),
+                        }),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Ok(credential)
+                })
+            }
+            CredentialKind::ClientCertificate => {
+                let path = auth.client_certificate_file.clone().ok_or_else(|| {
+                    BuildError::Credential("auth.client_certificate_file is not set".into())
+                })?;
+                let der = std::fs::read(&path).map_err(|e| {
+                    BuildError::Credential(format!(
+                        "auth.client_certificate_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let password = auth.client_certificate_password.clone();
+                Box::new(move || {
+                    let credential: Arc<dyn TokenCredential> = ClientCertificateCredential::new(
+                        tenant.clone(),
+                        auth.client_id.clone(),
+                        SecretBytes::new(der.clone()),
+                        Some(ClientCertificateCredentialOptions {
+                            client_options: client_options(),
+                            password: password.as_ref().map(|p| {
+                                azure_core::credentials::Secret::new(p.expose().to_owned())
+                            }),
+                        }),
+                    )
+                    .map_err(|e| format!("auth.client_certificate_file {}: {e}", path.display()))?;
+                    Ok(credential)
+                })
+            }
+            CredentialKind::WorkloadIdentity => Box::new(move || {
+                let credential: Arc<dyn TokenCredential> =
+                    WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+                        credential_options: ClientAssertionCredentialOptions {
+                            client_options: client_options(),
+                        },
+                        client_id: Some(auth.client_id.clone()),
+                        tenant_id: Some(tenant.clone()),
+                        token_file_path: auth.federated_token_file.clone(),
+                    }))
+                    .map_err(|e| e.to_string())?;
+                Ok(credential)
+            }),
+            CredentialKind::ManagedIdentity => Box::new(move || {
+                let credential: Arc<dyn TokenCredential> =
+                    ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                        user_assigned_id: auth
+                            .user_assigned_identity
+                            .then(|| UserAssignedId::ClientId(auth.client_id.clone())),
+                        client_options: client_options(),
+                    }))
+                    .map_err(|e| e.to_string())?;
+                Ok(credential)
+            }),
+        };
         Self::new(factory, config.graph.scope.clone())
     }
 

@@ -8,6 +8,7 @@
 mod api_input;
 mod clearing;
 mod cli;
+mod credentials;
 mod helpers;
 mod process;
 mod shutdown;
