@@ -11,5 +11,6 @@ mod cli;
 mod credentials;
 mod helpers;
 mod process;
+mod recipes;
 mod shutdown;
 mod systemd;
