@@ -771,41 +771,41 @@ impl Config {
             ));
         }
         let client_id = client_id.to_ascii_lowercase();
-        let only_for = |key: &str, set: bool, kind: CredentialKind| {
+        // Keys that belong to another credential are mistakes worth naming.
+        for (key, set, kind) in [
+            (
+                "auth.client_secret_file",
+                f.auth.client_secret_file.is_some(),
+                CredentialKind::ClientSecret,
+            ),
+            (
+                "auth.client_certificate_file",
+                f.auth.client_certificate_file.is_some(),
+                CredentialKind::ClientCertificate,
+            ),
+            (
+                "auth.client_certificate_password_file",
+                f.auth.client_certificate_password_file.is_some(),
+                CredentialKind::ClientCertificate,
+            ),
+            (
+                "auth.federated_token_file",
+                f.auth.federated_token_file.is_some(),
+                CredentialKind::WorkloadIdentity,
+            ),
+            (
+                "auth.user_assigned_identity",
+                f.auth.user_assigned_identity.is_some(),
+                CredentialKind::ManagedIdentity,
+            ),
+        ] {
             if set && credential != kind {
-                Err(ConfigError::new(
+                return Err(ConfigError::new(
                     key,
                     format!("is only used with auth.credential = {:?}", kind_name(kind)),
-                ))
-            } else {
-                Ok(())
+                ));
             }
-        };
-        only_for(
-            "auth.client_certificate_file",
-            f.auth.client_certificate_file.is_some(),
-            CredentialKind::ClientCertificate,
-        )?;
-        only_for(
-            "auth.client_certificate_password_file",
-            f.auth.client_certificate_password_file.is_some(),
-            CredentialKind::ClientCertificate,
-        )?;
-        only_for(
-            "auth.federated_token_file",
-            f.auth.federated_token_file.is_some(),
-            CredentialKind::WorkloadIdentity,
-        )?;
-        only_for(
-            "auth.user_assigned_identity",
-            f.auth.user_assigned_identity.is_some(),
-            CredentialKind::ManagedIdentity,
-        )?;
-        only_for(
-            "auth.client_secret_file",
-            f.auth.client_secret_file.is_some(),
-            CredentialKind::ClientSecret,
-        )?;
+        }
         let client_secret = if credential != CredentialKind::ClientSecret {
             None
         } else if let Some(p) = &f.auth.client_secret_file {

@@ -298,6 +298,16 @@ impl FakeGraph {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Waits until some clearPresence was answered with `status`, or `timeout` passes.
+    pub async fn wait_for_answer(&self, timeout: Duration, status: u16) -> bool {
+        self.wait_for(timeout, |calls| {
+            calls
+                .iter()
+                .any(|c| c.action == "clearPresence" && c.status == status)
+        })
+        .await
+    }
+
     /// Waits until `pred` holds over the recorded calls, or `timeout` passes.
     pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Call]) -> bool) -> bool {
         let until = Instant::now() + timeout;

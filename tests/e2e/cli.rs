@@ -2,29 +2,15 @@
 //! token), and the offline drain.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use presence_reaper::fake::Fault;
 use presence_reaper::store::State;
 use serde_json::{Value, json};
 
-use crate::helpers::{APP_ID, Daemon, World, binary, stored, write_config};
+use crate::helpers::{APP_ID, Daemon, World, stored, write_config};
 
-fn cli(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(binary())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::helpers::run_cli as cli;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn track_list_and_clear_through_a_unix_socket_with_a_token() {

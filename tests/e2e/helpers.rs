@@ -369,3 +369,18 @@ pub fn write_config(w: &World, graph_extra: &str, extra: &str) -> std::path::Pat
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Runs the binary with `--config config` and `args`: exit code, stdout, stderr.
+pub fn run_cli(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

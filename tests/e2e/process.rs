@@ -10,18 +10,10 @@ use presence_reaper::fake::Fault;
 use presence_reaper::store::State;
 use serde_json::json;
 
-use crate::helpers::{APP_ID, Daemon, World, binary, stored, write_config};
+use crate::helpers::{APP_ID, Daemon, World, binary, run_cli, stored, write_config};
 
 fn check_config(path: &Path) -> (Option<i32>, String, String) {
-    let out = Command::new(binary())
-        .args(["--config", path.to_str().unwrap(), "check-config"])
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli(path, &["check-config"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,13 +136,7 @@ async fn kill_9_with_a_clear_in_flight_clears_again_after_restart() {
     );
     d.kill9();
     let d = Daemon::start(&path);
-    assert!(
-        w.fake
-            .wait_for(Duration::from_secs(10), |c| c
-                .iter()
-                .any(|c| c.status == 200))
-            .await
-    );
+    assert!(w.fake.wait_for_answer(Duration::from_secs(10), 200).await);
     d.signal("-TERM");
     assert_eq!(d.wait_exit(Duration::from_secs(10)).0, Some(0));
     let store = w.open_store().await;
@@ -169,13 +155,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
     w.fake.set_presence("a@contoso.com", APP_ID);
     w.fake.push_faults([Fault::Unauthorized]);
     d.delete("a@contoso.com").await;
-    assert!(
-        w.fake
-            .wait_for(Duration::from_secs(5), |c| c
-                .iter()
-                .any(|c| c.status == 200))
-            .await
-    );
+    assert!(w.fake.wait_for_answer(Duration::from_secs(5), 200).await);
     d.signal("-TERM");
     let (code, log) = d.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));

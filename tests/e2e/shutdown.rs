@@ -37,7 +37,10 @@ async fn new_sessions_are_refused_while_shutting_down() {
     let w = World::new().await;
     w.fake.set_down(Some(503));
     let app = w
-        .spawn_with(|c| c.shutdown.deadline = Dur(Duration::from_secs(2)))
+        .spawn_with(|c| {
+            c.shutdown.deadline = Dur(Duration::from_secs(2));
+            c.retry.max_attempts = 1000;
+        })
         .await;
     app.put("a@contoso.com", json!({})).await;
     app.cancel.cancel();
@@ -63,7 +66,11 @@ async fn sessions_left_when_graph_is_down_are_cleared_first_after_restart() {
     let w = World::new().await;
     w.fake.set_down(Some(503));
     let app = w
-        .spawn_with(|c| c.shutdown.deadline = Dur(Duration::from_millis(800)))
+        .spawn_with(|c| {
+            c.shutdown.deadline = Dur(Duration::from_millis(800));
+            // Quick retries must not exhaust the attempts within the deadline.
+            c.retry.max_attempts = 1000;
+        })
         .await;
     for i in 0..3 {
         w.fake.set_presence(&format!("u{i}@contoso.com"), APP_ID);
