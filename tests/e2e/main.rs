@@ -9,6 +9,7 @@ mod api_input;
 mod clearing;
 mod cli;
 mod credentials;
+mod dev;
 mod helpers;
 mod process;
 mod recipes;
