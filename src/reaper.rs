@@ -204,10 +204,6 @@ impl Reaper {
         slot: crate::limiter::Slot,
         _permit: OwnedSemaphorePermit,
     ) {
-        let lag_ms = now_ms() - d.due_at;
-        if d.deadline {
-            tracing::debug!(user_id = %d.user_id, lag_ms, "deadline passed; clearing");
-        }
         let mut sent: i64 = 0;
         let mut slot = Some(slot);
         let answer = loop {
@@ -225,6 +221,7 @@ impl Reaper {
             };
             if sent == 0 && d.deadline {
                 let lag_ms = (now_ms() - d.due_at).max(0) as u64;
+                tracing::debug!(user_id = %d.user_id, lag_ms, "deadline passed; clearing");
                 self.metrics.clear_lag(Duration::from_millis(lag_ms));
             }
             let answer = self
@@ -235,17 +232,11 @@ impl Reaper {
             sent += 1;
             self.metrics.graph_request(answer.status_class());
             match answer {
+                // A refused token is renewed and the request sent again at
+                // once; a second 401 is retried later like a 5xx.
                 Answer::Unauthorized(_) if sent == 1 => {
                     tracing::info!(user_id = %d.user_id, "Graph refused the token (401); renewing it");
                     self.graph.tokens().invalidate(&token);
-                }
-                Answer::Unauthorized(error) => {
-                    break Answer::Retry {
-                        after: None,
-                        throttled: false,
-                        error,
-                        status: Some(401),
-                    };
                 }
                 other => break other,
             }
@@ -256,35 +247,13 @@ impl Reaper {
             Answer::Cleared => Outcome::Cleared,
             Answer::Dropped => Outcome::Dropped,
             Answer::Failed { error, .. } => Outcome::Failed(error),
-            Answer::Unauthorized(error) => Outcome::Failed(error),
+            Answer::Unauthorized(error) => self.retry_outcome(None, false, error, attempts, now),
             Answer::Retry {
                 after,
                 throttled,
                 error,
                 ..
-            } => {
-                let delay = backoff(&self.retry, attempts as u32, fastrand::f64());
-                if throttled {
-                    self.metrics.throttled();
-                    // Throttling is per app per tenant: everyone waits.
-                    let pause = after.unwrap_or(delay);
-                    tracing::warn!(
-                        pause_ms = pause.as_millis() as u64,
-                        "Graph throttled us (429); pausing all calls"
-                    );
-                    self.metrics
-                        .paused(self.pause.extend(Instant::now(), pause));
-                }
-                if attempts >= i64::from(self.retry.max_attempts) {
-                    Outcome::Failed(format!("{error} (gave up after {attempts} attempts)"))
-                } else {
-                    let wait = after.map_or(delay, |a| a.max(delay));
-                    Outcome::Retry {
-                        next_at: now + wait.as_millis() as i64,
-                        error,
-                    }
-                }
-            }
+            } => self.retry_outcome(after, throttled, error, attempts, now),
         };
         match &outcome {
             Outcome::Cleared => {
@@ -301,6 +270,39 @@ impl Reaper {
             }
         }
         self.write(&d, sent, outcome, now).await;
+    }
+
+    /// The outcome of a retryable answer: pause everyone after a 429, back
+    /// off with `Retry-After` as a floor, give up after `retry.max_attempts`.
+    fn retry_outcome(
+        &self,
+        after: Option<Duration>,
+        throttled: bool,
+        error: String,
+        attempts: i64,
+        now: i64,
+    ) -> Outcome {
+        let delay = backoff(&self.retry, attempts as u32, fastrand::f64());
+        if throttled {
+            self.metrics.throttled();
+            // Throttling is per app per tenant: everyone waits.
+            let pause = after.unwrap_or(delay);
+            tracing::warn!(
+                pause_ms = pause.as_millis() as u64,
+                "Graph throttled us (429); pausing all calls"
+            );
+            self.metrics
+                .paused(self.pause.extend(Instant::now(), pause));
+        }
+        if attempts >= i64::from(self.retry.max_attempts) {
+            Outcome::Failed(format!("{error} (gave up after {attempts} attempts)"))
+        } else {
+            let wait = after.map_or(delay, |a| a.max(delay));
+            Outcome::Retry {
+                next_at: now + wait.as_millis() as i64,
+                error,
+            }
+        }
     }
 
     async fn token_failed(&self, d: &DueSession, sent: i64, error: String) {

@@ -444,3 +444,27 @@ async fn scheduled_clear_all_clears_every_session() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_second_401_in_a_row_is_retried_later_like_a_server_error() {
+    let w = World::new().await;
+    let app = w.spawn().await;
+    app.delete("warm@contoso.com?wait=true").await;
+    w.fake.set_presence("a@contoso.com", APP_ID);
+    let tokens = w.fake.token_requests();
+    w.fake
+        .push_faults([Fault::Unauthorized, Fault::Unauthorized]);
+    app.delete("a@contoso.com").await;
+    let s = app.wait_state("a@contoso.com", "cleared", 5 * SECOND).await;
+    assert_eq!(s["attempts"], 3);
+    let statuses: Vec<u16> = w
+        .fake
+        .clear_calls()
+        .iter()
+        .filter(|c| c.user_id == "a@contoso.com")
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(statuses, vec![401, 401, 200]);
+    // Only the first 401 renews the token at once.
+    assert_eq!(w.fake.token_requests(), tokens + 1);
+}
