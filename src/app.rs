@@ -39,6 +39,9 @@ pub enum AppError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// The config does not hold together.
+    #[error("{0}")]
+    Config(String),
     /// The API server failed.
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
@@ -92,6 +95,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     listener: ApiListener,
     lifecycle: Arc<Lifecycle>,
+    /// `auth.client_id`, the session id of PUTs that name none.
+    default_session: SessionId,
 }
 
 impl std::fmt::Debug for App {
@@ -112,6 +117,8 @@ pub struct ShutdownReport {
 impl App {
     /// Opens the store, builds the Graph client and binds the API.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let default_session = SessionId::parse(&config.auth.client_id)
+            .map_err(|e| AppError::Config(format!("auth.client_id: {e}")))?;
         let graph = Arc::new(GraphClient::from_config(&config)?);
         let store = Store::open(&config.store.path, config.store.durability).await?;
         let listener = ApiListener::bind(&config.api.listen).await?;
@@ -124,6 +131,7 @@ impl App {
             metrics,
             listener,
             lifecycle: Arc::new(Lifecycle::default()),
+            default_session,
         })
     }
 
@@ -158,9 +166,8 @@ impl App {
             metrics,
             listener,
             lifecycle,
+            default_session,
         } = self;
-        let default_session = SessionId::parse(&config.auth.client_id)
-            .expect("auth.client_id is validated as a GUID at load");
         let state = ApiState::new(
             store.clone(),
             config.sessions,
