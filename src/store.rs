@@ -845,7 +845,8 @@ async fn writer_loop(
 struct Effects {
     earliest_due: Option<i64>,
     finished: bool,
-    replies: Vec<Box<dyn FnOnce() + Send>>,
+    /// Each op with its result, answered once the commit is published.
+    answers: Vec<(Op, OpResult)>,
 }
 
 impl Effects {
@@ -860,8 +861,8 @@ impl Effects {
         if self.finished {
             finished.send_modify(|n| *n += 1);
         }
-        for reply in self.replies {
-            reply();
+        for (op, result) in self.answers {
+            op.answer(result);
         }
     }
 }
@@ -890,7 +891,6 @@ async fn commit_batch(
         Err(e) => return Err((e, ops)),
     };
     let mut effects = Effects::default();
-    let mut pending: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(ops.len());
     // Ops are applied by reference so that they can be handed back on failure.
     let mut results = Vec::with_capacity(ops.len());
     for op in &ops {
@@ -905,10 +905,7 @@ async fn commit_batch(
     if let Err(e) = tx.commit().await {
         return Err((e, ops));
     }
-    for (op, result) in ops.into_iter().zip(results) {
-        pending.push(op.answer(result));
-    }
-    effects.replies = pending;
+    effects.answers = ops.into_iter().zip(results).collect();
     Ok(effects)
 }
 
@@ -921,55 +918,20 @@ enum OpResult {
 }
 
 impl Op {
-    fn answer(self, result: OpResult) -> Box<dyn FnOnce() + Send> {
+    /// Sends `result` to the op's caller (who may have gone: that is fine).
+    fn answer(self, result: OpResult) {
         match (self, result) {
-            (Op::Track { reply, .. }, OpResult::Track(s, t)) => {
-                Box::new(move || drop(reply.send(Ok((s, t)))))
-            }
-            (Op::Clear { reply, .. }, OpResult::Clear(s)) => {
-                Box::new(move || drop(reply.send(Ok(s))))
-            }
-            (Op::ClearAll { reply, .. }, OpResult::ClearAll(b, n)) => {
-                Box::new(move || drop(reply.send(Ok((b, n)))))
-            }
-            (Op::Record { reply, .. }, OpResult::Record(u)) => {
-                Box::new(move || drop(reply.send(Ok(u))))
-            }
+            (Op::Track { reply, .. }, OpResult::Track(s, t)) => drop(reply.send(Ok((s, t)))),
+            (Op::Clear { reply, .. }, OpResult::Clear(s)) => drop(reply.send(Ok(s))),
+            (Op::ClearAll { reply, .. }, OpResult::ClearAll(b, n)) => drop(reply.send(Ok((b, n)))),
+            (Op::Record { reply, .. }, OpResult::Record(u)) => drop(reply.send(Ok(u))),
             (Op::Purge { reply, .. } | Op::Resume { reply, .. }, OpResult::Count(n)) => {
-                Box::new(move || drop(reply.send(Ok(n))))
+                drop(reply.send(Ok(n)))
             }
-            (op, _) => {
-                // Unreachable by construction: apply() answers each op with its own kind.
-                let err = sqlx::Error::Protocol("mismatched store reply".into());
-                Box::new(move || op.fail(&err))
-            }
+            // Unreachable by construction: apply() answers each op with its own kind.
+            (op, _) => op.fail(&sqlx::Error::Protocol("mismatched store reply".into())),
         }
     }
-}
-
-async fn fetch_session(
-    conn: &mut SqliteConnection,
-    user: &str,
-    session: &str,
-) -> Result<Option<Session>, sqlx::Error> {
-    let sql =
-        format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = ? AND session_id = ?");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(user.to_owned())
-        .bind(session.to_owned())
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.as_ref().map(session_from_row).transpose()
-}
-
-async fn must_fetch(
-    conn: &mut SqliteConnection,
-    user: &str,
-    session: &str,
-) -> Result<Session, sqlx::Error> {
-    fetch_session(conn, user, session)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)
 }
 
 async fn apply(
@@ -988,54 +950,45 @@ async fn apply(
         } => {
             let (u, s) = (user.as_str(), session.as_str());
             let owner = owner.as_ref().map(|o| o.as_str().to_owned());
-            let existing = fetch_session(conn, u, s).await?;
-            let kind = match existing {
-                None => {
-                    sqlx::query(
-                        "INSERT INTO sessions (user_id, session_id, owner, state, expires_at, \
-                         created_at, updated_at, attempts, due_at) \
-                         VALUES (?, ?, ?, 'tracked', ?, ?, ?, 0, ?)",
-                    )
-                    .bind(u.to_owned())
-                    .bind(s.to_owned())
-                    .bind(owner)
-                    .bind(expires_at)
-                    .bind(now)
-                    .bind(now)
-                    .bind(expires_at)
-                    .execute(&mut *conn)
-                    .await?;
-                    Tracked::Created
-                }
-                Some(old) => {
-                    let terminal = old.state.is_terminal();
-                    sqlx::query(
-                        "UPDATE sessions SET state = 'tracked', owner = COALESCE(?, owner), \
-                         expires_at = ?, due_at = ?, updated_at = ?, attempts = 0, \
-                         last_error = NULL, finished_at = NULL, clear_batch = NULL, \
-                         generation = generation + 1, \
-                         created_at = CASE WHEN ? THEN ? ELSE created_at END \
-                         WHERE user_id = ? AND session_id = ?",
-                    )
-                    .bind(owner)
-                    .bind(expires_at)
-                    .bind(expires_at)
-                    .bind(now)
-                    .bind(terminal)
-                    .bind(now)
-                    .bind(u.to_owned())
-                    .bind(s.to_owned())
-                    .execute(&mut *conn)
-                    .await?;
-                    if terminal {
-                        Tracked::Created
-                    } else {
-                        Tracked::Renewed
-                    }
-                }
+            // Whether the session was live decides 200 (renewed) or 201.
+            let live: Option<bool> = sqlx::query_scalar(
+                "SELECT due_at IS NOT NULL FROM sessions WHERE user_id = ? AND session_id = ?",
+            )
+            .bind(u.to_owned())
+            .bind(s.to_owned())
+            .fetch_optional(&mut *conn)
+            .await?;
+            let kind = if live == Some(true) {
+                Tracked::Renewed
+            } else {
+                Tracked::Created
             };
+            // One upsert: a new row, or the old one tracked again with the
+            // new deadline (a session that had ended starts afresh).
+            let sql = format!(
+                "INSERT INTO sessions (user_id, session_id, owner, state, expires_at, \
+                 created_at, updated_at, attempts, due_at) \
+                 VALUES (?, ?, ?, 'tracked', ?, ?, ?, 0, ?) \
+                 ON CONFLICT (user_id, session_id) DO UPDATE SET \
+                   state = 'tracked', owner = COALESCE(excluded.owner, owner), \
+                   expires_at = excluded.expires_at, due_at = excluded.due_at, \
+                   updated_at = excluded.updated_at, attempts = 0, last_error = NULL, \
+                   finished_at = NULL, clear_batch = NULL, generation = generation + 1, \
+                   created_at = CASE WHEN due_at IS NULL THEN excluded.created_at ELSE created_at END \
+                 RETURNING {SESSION_COLUMNS}"
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(u.to_owned())
+                .bind(s.to_owned())
+                .bind(owner)
+                .bind(expires_at)
+                .bind(now)
+                .bind(now)
+                .bind(expires_at)
+                .fetch_one(&mut *conn)
+                .await?;
             fx.due(*expires_at);
-            Ok(OpResult::Track(must_fetch(conn, u, s).await?, kind))
+            Ok(OpResult::Track(session_from_row(&row)?, kind))
         }
         Op::Clear {
             user, session, now, ..
@@ -1043,7 +996,7 @@ async fn apply(
             let (u, s) = (user.as_str(), session.as_str());
             // Unknown sessions get a row too: the caller may know of a
             // session this store never saw (set before it was deployed).
-            sqlx::query(
+            let sql = format!(
                 "INSERT INTO sessions (user_id, session_id, state, expires_at, created_at, \
                  updated_at, attempts, due_at) VALUES (?, ?, 'clearing', ?, ?, ?, 0, ?) \
                  ON CONFLICT (user_id, session_id) DO UPDATE SET \
@@ -1051,18 +1004,20 @@ async fn apply(
                    last_error = CASE WHEN due_at IS NULL THEN NULL ELSE last_error END, \
                    finished_at = NULL, \
                    due_at = MIN(COALESCE(due_at, excluded.due_at), excluded.due_at), \
-                   state = 'clearing', updated_at = excluded.updated_at",
-            )
-            .bind(u.to_owned())
-            .bind(s.to_owned())
-            .bind(now)
-            .bind(now)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+                   state = 'clearing', updated_at = excluded.updated_at \
+                 RETURNING {SESSION_COLUMNS}"
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(u.to_owned())
+                .bind(s.to_owned())
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *conn)
+                .await?;
             fx.due(*now);
-            Ok(OpResult::Clear(must_fetch(conn, u, s).await?))
+            Ok(OpResult::Clear(session_from_row(&row)?))
         }
         Op::ClearAll { owner, now, .. } => {
             let batch: i64 =
