@@ -118,3 +118,85 @@ async fn the_daemon_speaks_the_notify_protocol() {
         "the watchdog is fed during the drain: {text}"
     );
 }
+
+/// `log.format = "journald"` sends structured entries to the journal. The
+/// daemon runs in a private mount namespace (`unshare -m`, as root) where the
+/// journal's socket path leads to a socket this test reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journald_logging_sends_structured_entries() {
+    let w = World::new().await;
+    let journal = tempfile::tempdir().unwrap();
+    let sock = UnixDatagram::bind(journal.path().join("socket")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let path = write_config(&w, "", "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("format = \"json\"", "format = \"journald\"");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+             && mount --bind \"$JOURNAL\" /run/systemd/journal \
+             && exec \"$BIN\" --config \"$CONFIG\" run",
+        ])
+        .env("JOURNAL", journal.path())
+        .env("BIN", binary())
+        .env("CONFIG", &path)
+        .spawn()
+        .expect("unshare (util-linux) runs as root");
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let ready = loop {
+        let Ok(n) = sock.recv(&mut buf) else {
+            break None;
+        };
+        let entry = journal_fields(&buf[..n]);
+        if entry.get("MESSAGE").map(String::as_str) == Some("presence-reaper is ready") {
+            break Some(entry);
+        }
+        entries.push(entry);
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let ready = ready.unwrap_or_else(|| panic!("no ready entry among {entries:?}"));
+    assert_eq!(ready["SYSLOG_IDENTIFIER"], "presence-reaper", "{ready:?}");
+    // tracing-journald maps INFO to NOTICE (5) and prefixes event fields with F_.
+    assert_eq!(ready["PRIORITY"], "5", "{ready:?}");
+    assert!(
+        ready["F_ADDR"].starts_with("127.0.0.1:"),
+        "a structured field: {ready:?}"
+    );
+    assert!(ready["F_STORE"].ends_with("sessions.db"), "{ready:?}");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Parses one datagram of journald's native protocol: `KEY=value` lines, or
+/// `KEY`, a little-endian u64 length and that many bytes.
+fn journal_fields(mut data: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+        let line = &data[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            data = &data[nl + 1..];
+        } else {
+            let rest = &data[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            out.insert(
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&rest[8..8 + len]).into_owned(),
+            );
+            data = &rest[8 + len + 1..];
+        }
+    }
+    out
+}
