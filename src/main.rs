@@ -122,42 +122,48 @@ fn main() -> ExitCode {
     let path = cli
         .config
         .or_else(|| env.var("PRESENCE_REAPER_CONFIG").map(PathBuf::from));
-    match cli.command {
-        Command::Track(_) | Command::Clear(_) | Command::List(_) => {
-            client(cli.command, path.as_deref())
+    let load = |dev_mode: bool| {
+        let loaded = if dev_mode {
+            dev::load_config(path.as_deref(), &env)
+        } else {
+            Config::load(path.as_deref(), &env)
+        };
+        loaded.map_err(|e| {
+            eprintln!("presence-reaper: configuration error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        })
+    };
+    let result = match cli.command {
+        Command::Track(a) => Ok(client(ClientCommand::Track(a), path.as_deref())),
+        Command::Clear(a) => Ok(client(ClientCommand::Clear(a), path.as_deref())),
+        Command::List(a) => Ok(client(ClientCommand::List(a), path.as_deref())),
+        Command::CheckConfig => load(false).map(|config| {
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }),
+        Command::Run => load(false).map(|config| daemon(config, Mode::Run)),
+        Command::Drain(args) => {
+            load(false).map(|config| daemon(config, Mode::Drain(args.deadline)))
         }
-        command => {
-            let loaded = match command {
-                Command::Dev => dev::load_config(path.as_deref(), &env),
-                _ => Config::load(path.as_deref(), &env),
+        Command::Dev => load(true).map(|config| {
+            let exe = std::env::args()
+                .next()
+                .unwrap_or_else(|| "presence-reaper".into());
+            let prefix = match &path {
+                Some(p) => format!("{exe} --config {}", p.display()),
+                None => exe,
             };
-            let config = match loaded {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("presence-reaper: configuration error: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            match command {
-                Command::CheckConfig => {
-                    print!("{}", config.to_redacted_toml());
-                    ExitCode::SUCCESS
-                }
-                Command::Drain(args) => daemon(config, Mode::Drain(args.deadline)),
-                Command::Dev => {
-                    let exe = std::env::args()
-                        .next()
-                        .unwrap_or_else(|| "presence-reaper".into());
-                    let prefix = match &path {
-                        Some(p) => format!("{exe} --config {}", p.display()),
-                        None => exe,
-                    };
-                    daemon(config, Mode::Dev(prefix))
-                }
-                _ => daemon(config, Mode::Run),
-            }
-        }
-    }
+            daemon(config, Mode::Dev(prefix))
+        }),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+/// The commands that talk to a running daemon.
+enum ClientCommand {
+    Track(TrackArgs),
+    Clear(ClearArgs),
+    List(ListArgs),
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
@@ -174,7 +180,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// `track`, `clear` and `list`: calls to the running daemon.
-fn client(command: Command, path: Option<&Path>) -> ExitCode {
+fn client(command: ClientCommand, path: Option<&Path>) -> ExitCode {
     let api = match Config::load_api(path) {
         Ok(a) => a,
         Err(e) => {
@@ -188,7 +194,7 @@ fn client(command: Command, path: Option<&Path>) -> ExitCode {
     let result = rt.block_on(async {
         let client = ApiClient::from_api_config(&api)?;
         match command {
-            Command::Track(a) => {
+            ClientCommand::Track(a) => {
                 let s = client
                     .track(&a.user, a.ttl, a.owner.as_deref(), a.session_id.as_deref())
                     .await?;
@@ -201,7 +207,7 @@ fn client(command: Command, path: Option<&Path>) -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Clear(a) if a.all => {
+            ClientCommand::Clear(a) if a.all => {
                 let v = client.clear_all(a.owner.as_deref(), a.wait).await?;
                 if !a.wait {
                     println!("{} sessions scheduled for clearing", v["scheduled"]);
@@ -220,7 +226,7 @@ fn client(command: Command, path: Option<&Path>) -> ExitCode {
                     ))
                 }
             }
-            Command::Clear(a) => {
+            ClientCommand::Clear(a) => {
                 let user = a.user.unwrap_or_default();
                 let s = client.clear(&user, a.session_id.as_deref(), a.wait).await?;
                 let state = s["state"].as_str().unwrap_or("?");
@@ -235,7 +241,7 @@ fn client(command: Command, path: Option<&Path>) -> ExitCode {
                 }
                 Ok(())
             }
-            Command::List(a) => {
+            ClientCommand::List(a) => {
                 let sessions = client.list(a.state.as_deref(), a.owner.as_deref()).await?;
                 if a.json {
                     println!("{}", serde_json::Value::Array(sessions));
@@ -244,7 +250,6 @@ fn client(command: Command, path: Option<&Path>) -> ExitCode {
                 }
                 Ok(())
             }
-            _ => Ok(()),
         }
     });
     match result {
